@@ -1,0 +1,12 @@
+"""User-facing errors: the CLI prints these as one line and exits with code 2."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file, impossible shape).
+
+    The message must name the bad value or file and say what to do.
+    """
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid setting; also a ValueError so library callers can catch it as such."""
