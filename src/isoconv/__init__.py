@@ -1,0 +1,6 @@
+"""isoconv: train, evaluate and ablate isotropic ConvNets (ConvMixer, ConvMixer-XL) and small ConvNeXts."""
+from .config import TrainConfig, build_config
+from .models import create_model, list_models
+
+__version__ = "0.1.0"
+__all__ = ["create_model", "list_models", "TrainConfig", "build_config", "__version__"]

@@ -101,6 +101,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v > 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+        if self.batch_size < 2:
+            raise ConfigError(f"--batch-size must be at least 2 (BatchNorm needs two images), got {self.batch_size}")
         if not 0 < self.scale <= 1:
             raise ConfigError(f"--scale must be in (0, 1], got {self.scale}")
         if self.ra_m > 30:

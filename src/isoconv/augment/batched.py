@@ -1,0 +1,513 @@
+"""Batched, on-device training augmentation with per-image randomness (airbench-style data path).
+
+The training set lives on the device as one uint8 tensor ``(N, 3, H, W)``; a batch is drawn by
+index and :class:`BatchAugment` augments it with batched tensor ops.  Every image still gets its
+own random parameters, reproducing the reference ConvMixer CIFAR-10 trainer's per-image
+torchvision pipeline (see :func:`isoconv.augment.reference.torchvision_train_transform`)::
+
+    RandomResizedCrop(size, scale=(scale, 1), ratio=(1, 1))   # bilinear, antialias
+    -> RandomHorizontalFlip(0.5)
+    -> RandAugment(num_ops=ra_n, magnitude=ra_m)              # 31 bins, nearest, fill 0
+    -> ColorJitter(brightness=j, contrast=j, saturation=j)
+    -> ToDtype(float32, scale=True) -> Normalize(mean, std)
+    -> RandomErasing(p=reprob, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)
+
+Fidelity to torchvision (uint8 CHW tensors, transforms.v2), measured by ``tests/test_augment.py``:
+
+* RandAugment: **exact** (``torch.equal``) for a given op, magnitude and sign.  Ops are sampled
+  per image, the batch is grouped by (op, sign) and every group goes through the very
+  ``torchvision.transforms.v2.functional`` call torchvision's ``RandAugment`` makes.
+* RandomResizedCrop: the crop box is sampled as torchvision does (area fraction uniform in
+  ``[scale, 1]``, side ``round(sqrt(area))``, integer top/left uniform over the valid positions);
+  the resize is a batched separable interpolation whose weights are the ones torch's antialiased
+  bilinear kernel uses (triangle filter, widened when downscaling, renormalised at the crop
+  border), computed in float32 and rounded back to uint8.  torchvision's CPU uint8 kernel uses
+  fixed-point weights instead, so results differ by at most 1 gray level on a small fraction of
+  pixels (tolerance checked: max abs diff <= 1, mean abs diff < 0.05 levels).
+* ColorJitter: per-image factors and per-image op order.  The arithmetic emulates torchvision's
+  uint8 path (each op clamps to [0, 255] and truncates to an integer, the grayscale image used by
+  contrast/saturation is floored), carried out in float32.  Remaining differences come only from
+  float rounding (fused multiply-add / reduction order): max abs diff <= 1 gray level, on far
+  fewer than 1% of pixels.
+* Flip, ToDtype+Normalize and RandomErasing (value 0): exact for the same parameters.
+
+Randomness: every random number comes from the ``torch.Generator`` passed to ``__call__`` (on the
+same device as the images), so a run is reproducible and resumable from the generator state.
+The random streams differ from torchvision's (which draws per image from the global RNG), only
+the distributions match.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = [
+    "RA_OPS",
+    "RA_SIGNED",
+    "BatchAugment",
+    "normalize",
+    "ra_magnitude",
+    "apply_ra_op",
+    "randaugment_apply",
+    "resized_crop",
+    "color_jitter",
+    "erase",
+    "sample_crop_boxes",
+    "sample_ra_ops",
+    "sample_jitter_params",
+    "sample_erase_boxes",
+]
+
+# Same order as torchvision.transforms.v2.RandAugment._AUGMENTATION_SPACE.
+RA_OPS: tuple[str, ...] = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)
+RA_SIGNED: tuple[bool, ...] = (
+    False, True, True, True, True, True, True, True, True, True, False, False, False, False,
+)
+
+
+def _check_generator(images: Tensor, generator: torch.Generator) -> None:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != images.device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but images are on {images.device}; "
+            f"create it with torch.Generator(device=images.device)"
+        )
+
+
+def _rand(shape, generator: torch.Generator, device) -> Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def _randint_below(n: Tensor, generator: torch.Generator) -> Tensor:
+    """Per-element integer uniform on ``[0, n)`` (``n`` >= 1, int64 tensor)."""
+    u = _rand(n.shape, generator, n.device)
+    return torch.minimum((u * n).long(), n - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# normalize
+# --------------------------------------------------------------------------------------------
+
+def normalize(images_uint8: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 ``(B, 3, H, W)`` -> float32 ``(x / 255 - mean) / std``.
+
+    Bit-identical to torchvision ``ToDtype(float32, scale=True)`` followed by ``Normalize``.
+    ``mean``/``std`` are on the [0, 1] scale.
+    """
+    if images_uint8.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 images, got {images_uint8.dtype}")
+    return _normalize_float255(images_uint8.to(torch.float32), mean, std)
+
+
+def _normalize_float255(x: Tensor, mean, std) -> Tensor:
+    """Same as :func:`normalize` for a float tensor holding integer values in [0, 255]."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.to(torch.float32).mul_(1.0 / 255).sub_(m).div_(s)
+
+
+# --------------------------------------------------------------------------------------------
+# RandomResizedCrop
+# --------------------------------------------------------------------------------------------
+
+def sample_crop_boxes(
+    batch: int, height: int, width: int, scale: float, generator: torch.Generator, device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image square crop boxes as torchvision ``RandomResizedCrop(scale=(scale, 1), ratio=(1, 1))``.
+
+    Area fraction ~ U[scale, 1]; side = round(sqrt(fraction * H * W)) (round half to even, like
+    Python's ``round``); top/left uniform integers over the valid positions.  For non-square
+    images a side larger than ``min(H, W)`` is clipped to it (torchvision would resample).
+    Returns int64 tensors ``(top, left, side)`` of shape ``(batch,)``.
+    """
+    frac = scale + (1.0 - scale) * _rand((batch,), generator, device)
+    side = torch.round(torch.sqrt(frac.double() * (height * width))).long()
+    side = side.clamp(1, min(height, width))
+    top = _randint_below(height - side + 1, generator)
+    left = _randint_below(width - side + 1, generator)
+    return top, left, side
+
+
+def _aa_bilinear_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """``(B, out_size, in_size)`` interpolation matrices mapping the window [start, start+length)
+    of each image's axis to ``out_size`` samples, with the weights of torch's antialiased bilinear
+    kernel (PIL-style triangle filter, support scaled by max(1, length / out_size), renormalised
+    over the pixels inside the window)."""
+    dev = start.device
+    scale = (length.to(torch.float32) / out_size)[:, None, None]  # (B,1,1)
+    support_scale = torch.clamp(scale, min=1.0)
+    i = torch.arange(out_size, device=dev, dtype=torch.float32)[None, :, None]  # (1,S,1)
+    center = scale * (i + 0.5)  # crop-relative coordinate of each output sample
+    p = torch.arange(in_size, device=dev, dtype=torch.float32)[None, None, :]  # (1,1,N)
+    rel = p - start.to(torch.float32)[:, None, None]  # crop-relative pixel index
+    w = torch.clamp(1.0 - torch.abs(rel + 0.5 - center) / support_scale, min=0.0)
+    inside = (rel >= 0) & (rel < length.to(torch.float32)[:, None, None])
+    w = w * inside
+    return w / w.sum(dim=-1, keepdim=True)
+
+
+def resized_crop(images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, size: int) -> Tensor:
+    """Batched per-image ``F.resized_crop(img, top, left, h, w, [size, size], antialias=True)``.
+
+    ``images`` is uint8 ``(B, C, H, W)``; box tensors are int64 ``(B,)``.  Returns uint8
+    ``(B, C, size, size)``.  Matches torchvision within 1 gray level (see module docstring).
+    """
+    B, C, H, W = images.shape
+    wy = _aa_bilinear_weights(top, height, H, size)  # (B,S,H)
+    wx = _aa_bilinear_weights(left, width, W, size)  # (B,S,W)
+    x = images.to(torch.float32)
+    out = torch.matmul(wy[:, None], x)  # (B,C,S,W)
+    out = torch.matmul(out, wx.transpose(1, 2)[:, None])  # (B,C,S,S)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# RandAugment
+# --------------------------------------------------------------------------------------------
+
+def ra_magnitude(op: str, magnitude_bin: int, height: int, width: int, num_bins: int = 31, negative: bool = False) -> float:
+    """Magnitude torchvision's ``RandAugment`` uses for ``op`` at bin ``magnitude_bin``.
+
+    Mirrors ``RandAugment._AUGMENTATION_SPACE`` (computed with the same ``torch.linspace`` so
+    the float values are identical); signed ops are negated when ``negative``.  Ops without a
+    magnitude return 0.0.
+    """
+    lin = lambda hi: float(torch.linspace(0.0, hi, num_bins)[magnitude_bin])  # noqa: E731
+    if op in ("Identity", "AutoContrast", "Equalize"):
+        return 0.0
+    if op in ("ShearX", "ShearY"):
+        mag = lin(0.3)
+    elif op == "TranslateX":
+        mag = lin(150.0 / 331.0 * width)
+    elif op == "TranslateY":
+        mag = lin(150.0 / 331.0 * height)
+    elif op == "Rotate":
+        mag = lin(30.0)
+    elif op in ("Brightness", "Color", "Contrast", "Sharpness"):
+        mag = lin(0.9)
+    elif op == "Posterize":
+        return float((8 - (torch.arange(num_bins) / ((num_bins - 1) / 4))).round().int()[magnitude_bin])
+    elif op == "Solarize":
+        return float(torch.linspace(1.0, 0.0, num_bins)[magnitude_bin])
+    else:
+        raise ValueError(f"unknown RandAugment op {op!r}")
+    return -mag if negative else mag
+
+
+def apply_ra_op(images: Tensor, op: str, magnitude: float) -> Tensor:
+    """Apply one RandAugment op with a fixed magnitude to a uint8 batch ``(..., C, H, W)``.
+
+    The calls are those of torchvision v2 ``RandAugment._apply_image_or_video_transform``
+    (nearest interpolation, fill ``None`` -> 0); all of them treat leading dimensions as
+    independent images, so the result equals per-image application exactly.
+    """
+    nearest = InterpolationMode.NEAREST
+    if op == "Identity":
+        return images
+    if op == "ShearX":
+        return TF.affine(images, angle=0.0, translate=[0, 0], scale=1.0,
+                         shear=[math.degrees(math.atan(magnitude)), 0.0],
+                         interpolation=nearest, fill=None, center=[0, 0])
+    if op == "ShearY":
+        return TF.affine(images, angle=0.0, translate=[0, 0], scale=1.0,
+                         shear=[0.0, math.degrees(math.atan(magnitude))],
+                         interpolation=nearest, fill=None, center=[0, 0])
+    if op == "TranslateX":
+        return TF.affine(images, angle=0.0, translate=[int(magnitude), 0], scale=1.0,
+                         interpolation=nearest, shear=[0.0, 0.0], fill=None)
+    if op == "TranslateY":
+        return TF.affine(images, angle=0.0, translate=[0, int(magnitude)], scale=1.0,
+                         interpolation=nearest, shear=[0.0, 0.0], fill=None)
+    if op == "Rotate":
+        return TF.rotate(images, angle=magnitude, interpolation=nearest, fill=None)
+    if op == "Brightness":
+        return TF.adjust_brightness(images, brightness_factor=1.0 + magnitude)
+    if op == "Color":
+        return TF.adjust_saturation(images, saturation_factor=1.0 + magnitude)
+    if op == "Contrast":
+        return TF.adjust_contrast(images, contrast_factor=1.0 + magnitude)
+    if op == "Sharpness":
+        return TF.adjust_sharpness(images, sharpness_factor=1.0 + magnitude)
+    if op == "Posterize":
+        return TF.posterize(images, bits=int(magnitude))
+    if op == "Solarize":
+        return TF.solarize(images, threshold=255.0 * magnitude)
+    if op == "AutoContrast":
+        return TF.autocontrast(images)
+    if op == "Equalize":
+        return TF.equalize(images)
+    raise ValueError(f"unknown RandAugment op {op!r}")
+
+
+def sample_ra_ops(batch: int, generator: torch.Generator, device) -> tuple[Tensor, Tensor]:
+    """One RandAugment round: per-image op index (uniform over the 14 ops) and sign
+    (negative with probability 0.5, as torchvision's ``torch.rand(()) <= 0.5``)."""
+    ops = torch.randint(len(RA_OPS), (batch,), generator=generator, device=device)
+    negative = _rand((batch,), generator, device) <= 0.5
+    return ops, negative
+
+
+def randaugment_apply(images: Tensor, ops: Tensor, negative: Tensor, magnitude_bin: int, num_bins: int = 31) -> Tensor:
+    """Apply per-image RandAugment ops (one round) to a uint8 batch.
+
+    ``ops`` (int64, ``(B,)``) indexes :data:`RA_OPS`; ``negative`` (bool, ``(B,)``) flips the sign of
+    signed ops.  The batch is grouped by (op, sign); each group gets one torchvision call with
+    the shared magnitude and the results are scattered back.  One host sync (group sizes).
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"RandAugment expects uint8 images, got {images.dtype}")
+    B, _, H, W = images.shape
+    signed = torch.tensor(RA_SIGNED, device=images.device)[ops]
+    key = ops * 2 + (negative & signed).long()
+    counts = torch.bincount(key, minlength=2 * len(RA_OPS)).tolist()
+    order = torch.argsort(key, stable=True)
+    parts = []
+    start = 0
+    for k, cnt in enumerate(counts):
+        if cnt == 0:
+            continue
+        idx = order[start:start + cnt]
+        start += cnt
+        name = RA_OPS[k // 2]
+        mag = ra_magnitude(name, magnitude_bin, H, W, num_bins, negative=bool(k % 2))
+        parts.append(apply_ra_op(images.index_select(0, idx), name, mag))
+    out = torch.empty_like(images)
+    out[order] = torch.cat(parts)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# ColorJitter
+# --------------------------------------------------------------------------------------------
+
+def sample_jitter_params(batch: int, jitter: float, generator: torch.Generator, device) -> tuple[Tensor, Tensor]:
+    """Per-image factors ``(B, 3)`` [brightness, contrast, saturation], each uniform in
+    ``[max(0, 1 - jitter), 1 + jitter]``, and a per-image order ``(B, 3)`` (a uniform random
+    permutation of 0=brightness, 1=contrast, 2=saturation)."""
+    lo, hi = max(0.0, 1.0 - jitter), 1.0 + jitter
+    factors = lo + (hi - lo) * _rand((batch, 3), generator, device)
+    order = torch.argsort(_rand((batch, 3), generator, device), dim=1)
+    return factors, order
+
+
+def _grayscale(x: Tensor) -> Tensor:
+    # Same expression (and therefore the same float rounding) as torchvision's _rgb_to_grayscale_image.
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
+
+
+def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
+    """Batched ColorJitter (brightness, contrast, saturation; no hue) with per-image parameters.
+
+    ``x``: float32 ``(B, 3, H, W)`` holding integer values in [0, 255] (a uint8 image cast to
+    float).  Emulates torchvision on uint8 input: every op is a blend ``x*f + g*(1-f)`` with
+    ``g`` = 0 (brightness), mean of the floored grayscale image (contrast) or the floored
+    grayscale image (saturation), clamped to [0, 255] and truncated to an integer.  Returns
+    float32 with integer values (within 1 gray level of torchvision, see module docstring).
+    """
+    B = x.shape[0]
+    for k in range(order.shape[1]):
+        op = order[:, k].view(B, 1, 1, 1)
+        f = factors.gather(1, order[:, k:k + 1]).view(B, 1, 1, 1)
+        gray = _grayscale(x).floor_()
+        mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+        g = torch.where(op == 1, mean, gray)
+        g = torch.where(op == 0, torch.zeros_like(g), g)
+        # addcmul rounds like torchvision's ``image.mul(f).add_(g, alpha=1 - f)`` (bit-identical
+        # on CPU); for brightness g == 0 and this is exactly ``image.mul(f)``.
+        x = torch.addcmul(x * f, g, 1.0 - f).clamp_(0, 255).floor_()
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# RandomErasing
+# --------------------------------------------------------------------------------------------
+
+def sample_erase_boxes(
+    batch: int, height: int, width: int, p: float, generator: torch.Generator, device,
+    scale=(0.02, 0.33), ratio=(0.3, 3.3), attempts: int = 10,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-image RandomErasing boxes with torchvision semantics, vectorised.
+
+    ``attempts`` candidates per image: area ~ U[scale] * H * W, aspect ratio log-uniform in
+    ``ratio``, ``h = round(sqrt(area * r))``, ``w = round(sqrt(area / r))``; the first candidate
+    with ``h < H`` and ``w < W`` is used, top/left uniform integers.  An image is erased with
+    probability ``p`` (and only if some candidate fits).
+    Returns ``(top, left, h, w, apply)``, int64 and bool tensors of shape ``(batch,)``.
+    """
+    area = (height * width) * (scale[0] + (scale[1] - scale[0]) * _rand((batch, attempts), generator, device))
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lr0 + (lr1 - lr0) * _rand((batch, attempts), generator, device))
+    h = torch.round(torch.sqrt(area * aspect)).long()
+    w = torch.round(torch.sqrt(area / aspect)).long()
+    valid = (h < height) & (w < width)
+    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)
+    h = h.gather(1, first).squeeze(1)
+    w = w.gather(1, first).squeeze(1)
+    ok = valid.any(dim=1)
+    h = torch.where(ok, h, torch.zeros_like(h))
+    w = torch.where(ok, w, torch.zeros_like(w))
+    top = _randint_below(height - h + 1, generator)
+    left = _randint_below(width - w + 1, generator)
+    apply = (_rand((batch,), generator, device) < p) & ok
+    return top, left, h, w, apply
+
+
+def erase(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, apply: Tensor, value: float = 0.0) -> Tensor:
+    """Set the box ``[top, top+h) x [left, left+w)`` of every image with ``apply`` to ``value``
+    (all channels); a mask built from ``arange`` comparisons, no Python loop."""
+    B, _, H, W = x.shape
+    rows = torch.arange(H, device=x.device).view(1, H, 1)
+    cols = torch.arange(W, device=x.device).view(1, 1, W)
+    t, l_ = top.view(B, 1, 1), left.view(B, 1, 1)
+    mask = (rows >= t) & (rows < t + h.view(B, 1, 1)) & (cols >= l_) & (cols < l_ + w.view(B, 1, 1))
+    mask &= apply.view(B, 1, 1)
+    return x.masked_fill(mask[:, None], value)
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------------
+
+class BatchAugment:
+    """Per-image-random augmentation of a uint8 batch with batched tensor ops.
+
+    ``__call__(images, generator)``: uint8 ``(B, 3, H, W)`` on any device -> float32 normalized
+    ``(B, 3, image_size, image_size)`` on the same device.  See the module docstring for the
+    pipeline and the tolerances against torchvision.
+
+    After each call, ``last_params`` holds the sampled parameters (tensors on the device, stages
+    that were skipped are absent): ``crop`` (top, left, side), ``flip`` (bool mask),
+    ``ra_ops``/``ra_negative`` ``(B, ra_n)``, ``jitter`` (factors, order), ``erase``
+    (top, left, h, w, apply).  ``last_ops`` is ``last_params["ra_ops"]`` (or None).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: float = 0.75,
+        hflip: bool = True,
+        ra_n: int = 1,
+        ra_m: int = 8,
+        jitter: float = 0.1,
+        reprob: float = 0.25,
+        no_aug: bool = False,
+    ) -> None:
+        if int(image_size) <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"scale must be in (0, 1], got {scale}")
+        if ra_n < 0 or int(ra_n) != ra_n:
+            raise ValueError(f"ra_n must be a non-negative integer, got {ra_n}")
+        if not 0 <= ra_m <= 30 or int(ra_m) != ra_m:
+            raise ValueError(f"ra_m must be an integer magnitude bin in [0, 30], got {ra_m}")
+        if jitter < 0:
+            raise ValueError(f"jitter must be non-negative, got {jitter}")
+        if not 0.0 <= reprob <= 1.0:
+            raise ValueError(f"reprob must be in [0, 1], got {reprob}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std must have 3 values, got {mean!r}, {std!r}")
+        if any(s == 0 for s in std):
+            raise ValueError(f"std must be non-zero, got {std!r}")
+        self.image_size = int(image_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.scale = float(scale)
+        self.hflip = bool(hflip)
+        self.ra_n = int(ra_n)
+        self.ra_m = int(ra_m)
+        self.num_magnitude_bins = 31
+        self.jitter = float(jitter)
+        self.reprob = float(reprob)
+        self.no_aug = bool(no_aug)
+        self.last_params: dict = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchAugment(image_size={self.image_size}, scale={self.scale}, hflip={self.hflip}, "
+            f"ra_n={self.ra_n}, ra_m={self.ra_m}, jitter={self.jitter}, reprob={self.reprob}, "
+            f"no_aug={self.no_aug})"
+        )
+
+    @property
+    def last_ops(self) -> Optional[Tensor]:
+        return self.last_params.get("ra_ops")
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"BatchAugment expects uint8 images of shape (B, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        S = self.image_size
+        B, _, H, W = images.shape
+        dev = images.device
+        params: dict = {}
+        self.last_params = params
+        if B == 0:
+            return torch.empty((0, 3, S, S), dtype=torch.float32, device=dev)
+
+        if self.no_aug:
+            if (H, W) != (S, S):
+                images = TF.resize(images, [S, S], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            return normalize(images, self.mean, self.std)
+
+        _check_generator(images, generator)
+        x = images
+        # RandomResizedCrop
+        if self.scale < 1.0 or (H, W) != (S, S):
+            top, left, side = sample_crop_boxes(B, H, W, self.scale, generator, dev)
+            params["crop"] = (top, left, side)
+            x = resized_crop(x, top, left, side, side, S)
+        # RandomHorizontalFlip
+        if self.hflip:
+            flip = _rand((B,), generator, dev) < 0.5
+            params["flip"] = flip
+            x = torch.where(flip.view(B, 1, 1, 1), x.flip(-1), x)
+        # RandAugment
+        if self.ra_n > 0:
+            all_ops, all_neg = [], []
+            for _ in range(self.ra_n):
+                ops, neg = sample_ra_ops(B, generator, dev)
+                x = randaugment_apply(x, ops, neg, self.ra_m, self.num_magnitude_bins)
+                all_ops.append(ops)
+                all_neg.append(neg)
+            params["ra_ops"] = torch.stack(all_ops, dim=1)
+            params["ra_negative"] = torch.stack(all_neg, dim=1)
+        xf = x.to(torch.float32)
+        # ColorJitter
+        if self.jitter > 0:
+            factors, order = sample_jitter_params(B, self.jitter, generator, dev)
+            params["jitter"] = (factors, order)
+            xf = color_jitter(xf, factors, order)
+        out = _normalize_float255(xf, self.mean, self.std)
+        # RandomErasing (after Normalize, value 0)
+        if self.reprob > 0:
+            box = sample_erase_boxes(B, S, S, self.reprob, generator, dev)
+            params["erase"] = box
+            out = erase(out, *box)
+        return out

@@ -1,0 +1,186 @@
+"""The `isoconv` command line: models, recipes, train, eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .config import AMP_CHOICES, LOADER_CHOICES, SCHEDULE_CHOICES, build_config, list_recipes, load_recipe
+from .errors import UserError
+
+CPU_RECIPE = "cpu-quick"
+GPU_RECIPE = "convmixer-cifar10-25ep"
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="model preset (see `isoconv models`)")
+    g.add_argument("--activation", choices=["gelu", "relu", "silu", "leaky_relu"])
+    g.add_argument("--dim", type=int)
+    g.add_argument("--depth", type=int)
+    g.add_argument("--patch", type=int, help="patch size")
+    g.add_argument("--kernel", type=int, help="depthwise kernel size")
+    g.add_argument("--skip-period", type=int, help="ConvMixer-XL inter-block skip groups (0 = none)")
+    g.add_argument("--drop-path", type=float, help="ConvNeXt stochastic depth rate")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["cifar10"])
+    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default $ISOCONV_DATA or ~/.cache/isoconv)")
+    g.add_argument("--no-download", dest="download", action="store_const", const=False,
+                   help="fail instead of downloading missing data")
+    g.add_argument("--train-subset", type=int, help="train on the first N training images")
+    g.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
+    g.add_argument("--loader", choices=LOADER_CHOICES)
+    g.add_argument("--workers", type=int, help="loader workers (torchvision loader)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr-max", type=float)
+    g.add_argument("--schedule", choices=SCHEDULE_CHOICES)
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up (cosine schedule)")
+    g.add_argument("--wd", type=float, help="AdamW weight decay")
+    g.add_argument("--opt-eps", type=float, help="AdamW epsilon")
+    g.add_argument("--clip-norm", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--label-smoothing", type=float)
+
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--no-aug", action="store_const", const=True, help="normalize only")
+    g.add_argument("--scale", type=float, help="RandomResizedCrop lower scale bound (1 = no crop)")
+    g.add_argument("--no-hflip", dest="hflip", action="store_const", const=False)
+    g.add_argument("--ra-n", type=int, help="RandAugment ops per image (0 = off)")
+    g.add_argument("--ra-m", type=int, help="RandAugment magnitude, 0..30")
+    g.add_argument("--jitter", type=float, help="ColorJitter brightness/contrast/saturation")
+    g.add_argument("--reprob", type=float, help="RandomErasing probability")
+    g.add_argument("--mixup", type=float, help="Mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, help="CutMix alpha (0 = off)")
+    g.add_argument("--mix-prob", type=float, help="probability of mixing a batch")
+    g.add_argument("--mix-switch-prob", type=float, help="probability of CutMix when both are on")
+
+    g = p.add_argument_group("engine")
+    g.add_argument("--amp", choices=AMP_CHOICES, help="autocast precision (auto: bf16 where the hardware has it)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--eval-every", type=int, help="evaluate every N epochs (always after the last)")
+    g.add_argument("--out", help="run directory (default runs/<timestamp>-<model>)")
+
+
+TRAIN_FIELDS = ("model", "activation", "dim", "depth", "patch", "kernel", "skip_period", "drop_path", "dataset",
+                "data_dir", "download", "train_subset", "test_subset", "loader", "workers", "epochs", "batch_size",
+                "lr_max", "schedule", "warmup_epochs", "wd", "opt_eps", "clip_norm", "label_smoothing", "no_aug",
+                "scale", "hflip", "ra_n", "ra_m", "jitter", "reprob", "mixup", "cutmix", "mix_prob",
+                "mix_switch_prob", "amp", "channels_last", "seed", "device", "eval_every", "out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isoconv", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command")
+
+    sub.add_parser("models", help="list model presets with parameter counts")
+    sub.add_parser("recipes", help="list shipped recipes")
+
+    p = sub.add_parser("train", help="train a model (no arguments: the default recipe for this hardware)")
+    p.add_argument("--recipe", help="recipe name (see `isoconv recipes`) or a YAML file")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    add_train_flags(p)
+
+    p = sub.add_parser("eval", help="evaluate a run directory or checkpoint on the test set")
+    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--data-dir")
+    p.add_argument("--no-download", dest="download", action="store_false", default=True)
+    p.add_argument("--test-subset", type=int)
+    p.add_argument("--tta", choices=["flip"], help="test-time augmentation: average with the mirrored image")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON (same keys as summary.json)")
+    return parser
+
+
+def cmd_models(args) -> int:
+    from .models import list_models, model_info
+
+    print(f"{'name':<24} {'family':<10} {'params':>12}  description")
+    for name in list_models():
+        info = model_info(name)
+        print(f"{name:<24} {info['family']:<10} {info['params']:>12,}  {info['description']}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    print(f"{'name':<28} {'model':<24} {'epochs':>6}  description")
+    for name in list_recipes():
+        r = load_recipe(name)
+        print(f"{name:<28} {r.get('model', 'cm-vanilla'):<24} {r.get('epochs', 25):>6}  {r.get('description', '')}")
+    return 0
+
+
+def default_recipe() -> str:
+    import torch
+
+    return GPU_RECIPE if torch.cuda.is_available() else CPU_RECIPE
+
+
+def cmd_train(args) -> int:
+    from .train import load_checkpoint, train
+
+    overrides = {f: getattr(args, f) for f in TRAIN_FIELDS}
+    if args.resume:
+        if args.recipe:
+            raise UserError("--resume continues a run with its stored config; drop --recipe")
+        stored = load_checkpoint(Path(args.resume) / "last.pt")["config"]
+        cfg = build_config(None, **{**stored, **{k: v for k, v in overrides.items() if v is not None}})
+        train(cfg, resume=Path(args.resume))
+        return 0
+    recipe = args.recipe
+    if recipe is None and overrides["model"] is None:
+        recipe = default_recipe()
+        print(f"no --recipe or --model given: training the default recipe {recipe!r} for this hardware "
+              f"(`isoconv recipes` lists the others)")
+    train(build_config(recipe, **overrides))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.run import evaluate_target
+
+    report = evaluate_target(Path(args.target), data_dir=args.data_dir, download=args.download,
+                             test_subset=args.test_subset, tta=args.tta, device=args.device)
+    print(report["report_text"])
+    print(f"test top-1 {report['test_top1']:.4f}  top-5 {report['test_top5']:.4f}  on {report['test_images']} images")
+    if args.json:
+        data = {k: v for k, v in report.items() if k != "report_text"}
+        Path(args.json).write_text(json.dumps(data, indent=2))
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"isoconv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("isoconv: interrupted; continue with `isoconv train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+    except Exception as e:  # out-of-memory is a user problem with a known fix
+        if type(e).__name__ == "OutOfMemoryError" and not args.debug:
+            print("isoconv: error: out of memory; lower --batch-size", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Evaluate a finished run directory or a checkpoint file on its dataset's test split."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import TrainConfig, apply_overrides
+from ..errors import UserError
+from ..train.checkpoint import load_checkpoint
+from ..train.loop import build_model, evaluate, load_data, resolve_amp, resolve_device, test_report
+
+
+def checkpoint_path(target: Path) -> Path:
+    if target.is_dir():
+        return target / "last.pt"
+    if target.is_file():
+        return target
+    raise UserError(f"{target} is neither a run directory nor a checkpoint file")
+
+
+def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: bool = True,
+                    test_subset: Optional[int] = None, tta: Optional[str] = None,
+                    device: str = "auto") -> dict[str, Any]:
+    """The test report of a run's weights: the keys of summary.json plus `report_text`."""
+    path = checkpoint_path(target)
+    state = load_checkpoint(path)
+    stored = dict(state["config"])
+    cfg = apply_overrides(TrainConfig(), stored, f"checkpoint {path}")
+    cfg = apply_overrides(cfg, {"device": device, "download": download, "test_subset": test_subset,
+                                "train_subset": None,
+                                **({"data_dir": data_dir} if data_dir else {})}, "eval flags").validate()
+    dev = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, dev)
+    _, test = load_data(cfg, dev, train=False)
+    model = build_model(cfg, test.num_classes, test.image_size).to(dev)
+    model.load_state_dict(state["model"])
+    result = evaluate(model, test, device=dev, amp_dtype=amp_dtype, channels_last=cfg.channels_last,
+                      tta_flip=tta == "flip")
+    fields, report = test_report(result, test.classes)
+    return {"checkpoint": str(path), "model": cfg.model, "recipe": cfg.recipe, "dataset": cfg.dataset,
+            "epoch": state["epoch"], "params": state.get("params"), "tta": tta, **fields, "report_text": report}

@@ -1,0 +1,231 @@
+"""Named model presets: ``create_model("cm-vanilla", **overrides)``.
+
+A preset is a thin constructor registered with ``@register_model``; the decorator records its
+family and default keyword arguments, and the returned function merges overrides into those
+defaults, checks that the family accepts every override, and builds the model.
+
+Overrides are constructor keyword arguments of the family's class (``ConvMixer`` or
+``ConvNeXt``). An override whose value is ``None`` is ignored ("whatever the preset says").
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .convmixer import ConvMixer
+from .convnext import ConvNeXt
+
+__all__ = ["register_model", "create_model", "list_models", "model_info", "count_params", "FAMILIES"]
+
+# Family name -> model class; the class's constructor arguments are the accepted overrides.
+FAMILIES: dict[str, type[nn.Module]] = {"convmixer": ConvMixer, "convnext": ConvNeXt}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    family: str
+    description: str
+    defaults: Mapping[str, Any]
+    accepts: Optional[frozenset]  # None: any keyword (the constructor takes **kwargs)
+    fn: Callable[..., nn.Module] = field(repr=False)
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_PARAM_CACHE: dict[str, int] = {}
+
+
+def _accepted_kwargs(fn: Callable[..., Any]) -> Optional[frozenset]:
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def register_model(
+    name: str,
+    *,
+    family: str = "custom",
+    defaults: Optional[Mapping[str, Any]] = None,
+    description: Optional[str] = None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a thin model constructor under ``name``.
+
+    The decorated function is called with the preset ``defaults`` updated by the caller's
+    overrides and must return the model. For a known ``family`` ("convmixer", "convnext") the
+    overrides must be constructor arguments of that family's class; otherwise they must be
+    accepted by the decorated function itself. ``description`` defaults to the docstring's
+    first line. Returns the wrapped constructor, so ``cm_vanilla(dim=128)`` works directly.
+    """
+    key = _normalise(name)
+    if key != name:
+        raise ConfigError(f"model names are lower-case with hyphens, got {name!r} (use {key!r})")
+
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ConfigError(f"model {name!r} is already registered")
+        accepts = _accepted_kwargs(FAMILIES[family]) if family in FAMILIES else _accepted_kwargs(fn)
+        accepts = accepts - {"self"} if accepts is not None else None
+        doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
+        preset = dict(defaults or {})
+
+        @functools.wraps(fn)
+        def constructor(**overrides: Any) -> nn.Module:
+            overrides = {k: v for k, v in overrides.items() if v is not None}
+            if accepts is not None:
+                bad = sorted(set(overrides) - accepts)
+                if bad:
+                    raise ConfigError(
+                        f"model {name!r} ({family}) does not accept {', '.join(repr(b) for b in bad)}; "
+                        f"it accepts: {', '.join(sorted(accepts))}"
+                    )
+            return fn(**{**copy.deepcopy(preset), **overrides})
+
+        _REGISTRY[name] = _Entry(name, family, doc, preset, accepts, constructor)
+        return constructor
+
+    return decorator
+
+
+def _lookup(name: str) -> _Entry:
+    if not isinstance(name, str):
+        raise ConfigError(f"model name must be a string, got {name!r}")
+    entry = _REGISTRY.get(_normalise(name))
+    if entry is None:
+        close = difflib.get_close_matches(_normalise(name), list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown model {name!r}{hint}; `isoconv models` lists them")
+    return entry
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build preset ``name``; ``overrides`` are constructor kwargs (``None`` values are ignored)."""
+    return _lookup(name).fn(**overrides)
+
+
+def list_models() -> list[str]:
+    """Registered model names, in registration order (ConvMixers first, then ConvNeXts)."""
+    return list(_REGISTRY)
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all of them, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """Name, family, description, default kwargs, accepted override keys and parameter count.
+
+    The parameter count is for the defaults; it is computed on the meta device (no memory,
+    no init cost) and cached.
+    """
+    entry = _lookup(name)
+    if entry.name not in _PARAM_CACHE:
+        with torch.device("meta"):
+            _PARAM_CACHE[entry.name] = count_params(entry.fn())
+    return {
+        "name": entry.name,
+        "family": entry.family,
+        "description": entry.description,
+        "defaults": copy.deepcopy(dict(entry.defaults)),
+        "accepts": sorted(entry.accepts) if entry.accepts is not None else None,
+        "params": _PARAM_CACHE[entry.name],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (num_classes=10 unless said).
+
+
+def _cm(dim: int, depth: int, kernel_size: int, patch_size: int, activation: str = "gelu", skip_period: int = 0) -> dict[str, Any]:
+    return dict(
+        dim=dim,
+        depth=depth,
+        kernel_size=kernel_size,
+        patch_size=patch_size,
+        activation=activation,
+        skip_period=skip_period,
+        num_classes=10,
+    )
+
+
+@register_model("cm-vanilla", family="convmixer", defaults=_cm(256, 8, 5, 2, "gelu"))
+def cm_vanilla(**kwargs: Any) -> nn.Module:
+    """ConvMixer-256/8, kernel 5, patch 2, GELU: the reference CIFAR-10 ConvMixer."""
+    return ConvMixer(**kwargs)
+
+
+@register_model("cm-vanilla-relu", family="convmixer", defaults=_cm(256, 8, 5, 2, "relu"))
+def cm_vanilla_relu(**kwargs: Any) -> nn.Module:
+    """cm-vanilla with ReLU instead of GELU."""
+    return ConvMixer(**kwargs)
+
+
+@register_model("cm-vanilla-silu", family="convmixer", defaults=_cm(256, 8, 5, 2, "silu"))
+def cm_vanilla_silu(**kwargs: Any) -> nn.Module:
+    """cm-vanilla with SiLU instead of GELU."""
+    return ConvMixer(**kwargs)
+
+
+@register_model("cm-xl-noskip", family="convmixer", defaults=_cm(256, 66, 5, 2, "gelu", skip_period=0))
+def cm_xl_noskip(**kwargs: Any) -> nn.Module:
+    """ConvMixer-256/66, kernel 5, patch 2, GELU, no group skips (the deep baseline)."""
+    return ConvMixer(**kwargs)
+
+
+@register_model("cm-xl-skip", family="convmixer", defaults=_cm(256, 66, 5, 2, "gelu", skip_period=3))
+def cm_xl_skip(**kwargs: Any) -> nn.Module:
+    """ConvMixer-256/66, kernel 5, patch 2, GELU, identity skip around each of 3 groups of 22 blocks."""
+    return ConvMixer(**kwargs)
+
+
+@register_model("cm-xl", family="convmixer", defaults=_cm(256, 66, 5, 2, "silu", skip_period=3))
+def cm_xl(**kwargs: Any) -> nn.Module:
+    """ConvMixer-XL: 256/66, kernel 5, patch 2, SiLU, skip around each of 3 groups of 22 blocks."""
+    return ConvMixer(**kwargs)
+
+
+@register_model("convmixer-256-8-k9-p1", family="convmixer", defaults=_cm(256, 8, 9, 1, "gelu"))
+def convmixer_256_8_k9_p1(**kwargs: Any) -> nn.Module:
+    """ConvMixer-256/8, kernel 9, patch 1, GELU (full-resolution variant)."""
+    return ConvMixer(**kwargs)
+
+
+@register_model("cm-cpu", family="convmixer", defaults=_cm(256, 8, 5, 4, "gelu"))
+def cm_cpu(**kwargs: Any) -> nn.Module:
+    """Small, fast ConvMixer for the default CPU recipe: 256/8, kernel 5, patch 4, GELU."""
+    return ConvMixer(**kwargs)
+
+
+@register_model(
+    "convnext-cifar",
+    family="convnext",
+    defaults=dict(patch_size=1, depths=[2, 2, 2, 2], dims=[64, 128, 256, 512], num_classes=10),
+)
+def convnext_cifar(**kwargs: Any) -> nn.Module:
+    """ConvNeXt for 32x32 images: patch 1, depths 2-2-2-2, dims 64-128-256-512."""
+    return ConvNeXt(**kwargs)
+
+
+@register_model(
+    "convnext-tin",
+    family="convnext",
+    defaults=dict(
+        patch_size=2, depths=[3, 3, 9, 3], dims=[96, 192, 384, 768], num_classes=200, drop_path_rate=0.1
+    ),
+)
+def convnext_tin(**kwargs: Any) -> nn.Module:
+    """ConvNeXt-T-sized net for Tiny-ImageNet (64x64, 200 classes): patch 2, drop path 0.1."""
+    return ConvNeXt(**kwargs)
