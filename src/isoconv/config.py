@@ -160,7 +160,7 @@ def load_recipe(name_or_file: str) -> dict[str, Any]:
     return data
 
 
-def build_config(recipe: Optional[str] = None, **overrides) -> TrainConfig:
+def build_config(recipe: Optional[str] = None, /, **overrides) -> TrainConfig:
     """Defaults <- recipe <- overrides (None values in overrides are ignored)."""
     cfg = TrainConfig()
     if recipe:

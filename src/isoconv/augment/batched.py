@@ -18,17 +18,25 @@ Fidelity to torchvision (uint8 CHW tensors, transforms.v2), measured by ``tests/
   per image, the batch is grouped by (op, sign) and every group goes through the very
   ``torchvision.transforms.v2.functional`` call torchvision's ``RandAugment`` makes.
 * RandomResizedCrop: the crop box is sampled as torchvision does (area fraction uniform in
-  ``[scale, 1]``, side ``round(sqrt(area))``, integer top/left uniform over the valid positions);
-  the resize is a batched separable interpolation whose weights are the ones torch's antialiased
-  bilinear kernel uses (triangle filter, widened when downscaling, renormalised at the crop
-  border), computed in float32 and rounded back to uint8.  torchvision's CPU uint8 kernel uses
-  fixed-point weights instead, so results differ by at most 1 gray level on a small fraction of
-  pixels (tolerance checked: max abs diff <= 1, mean abs diff < 0.05 levels).
+  ``[scale, 1]``, side ``round(sqrt(area))``, integer top/left uniform over the valid positions).
+  The resize is a batched separable interpolation (two ``bmm``) whose weights are those of
+  torch's antialiased bilinear kernel (triangle filter, widened when downscaling, renormalised
+  at the crop border), in float32, rounded back to uint8.  Tolerance vs
+  ``F.resized_crop(img, top, left, h, w, [size, size], antialias=True)``:
+  - torchvision's float path (float input, CUDA, CPUs without AVX2), rounded to uint8: identical
+    up to float summation order -- max abs diff <= 1 on < 0.1% of pixels (0 observed on CPU);
+  - torchvision's CPU uint8 kernel (AVX2, fixed-point weights and an intermediate uint8
+    rounding between the two passes): max abs diff <= 1 gray level, mean abs diff ~0.17
+    (about 17% of pixels off by one; checked < 0.25).
+  Crops of side == size are copied exactly.
 * ColorJitter: per-image factors and per-image op order.  The arithmetic emulates torchvision's
-  uint8 path (each op clamps to [0, 255] and truncates to an integer, the grayscale image used by
-  contrast/saturation is floored), carried out in float32.  Remaining differences come only from
-  float rounding (fused multiply-add / reduction order): max abs diff <= 1 gray level, on far
-  fewer than 1% of pixels.
+  uint8 path (each op is a blend ``x*f + g*(1-f)``, clamped to [0, 255] and truncated to an
+  integer; the grayscale image used by contrast/saturation is floored), carried out in float32
+  with the same rounding (``addcmul`` == torchvision's ``mul(f).add_(g, alpha=1-f)``).  Result:
+  bit-identical to torchvision on CPU in the tests; on other hardware a fused/unfused
+  multiply-add can flip a truncation, so the documented tolerance is max abs diff <= 1 gray
+  level on < 0.1% of pixels.  (A pure-float jitter without the per-op truncation would differ
+  by up to ~1-2 levels everywhere; this emulation avoids that.)
 * Flip, ToDtype+Normalize and RandomErasing (value 0): exact for the same parameters.
 
 Randomness: every random number comes from the ``torch.Generator`` passed to ``__call__`` (on the
@@ -38,6 +46,7 @@ the distributions match.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -105,6 +114,14 @@ def _randint_below(n: Tensor, generator: torch.Generator) -> Tensor:
     return torch.minimum((u * n).long(), n - 1)
 
 
+def _select(a: Tensor, b: Tensor, use_b: Tensor) -> Tensor:
+    """Per-image ``b if use_b else a`` (``use_b`` bool ``(B,)``): an index_select of whole images,
+    several times faster on CPU than a broadcast ``torch.where``."""
+    B = a.shape[0]
+    both = torch.stack([a, b], dim=1).flatten(0, 1)
+    return both.index_select(0, torch.arange(B, device=a.device) * 2 + use_b.long())
+
+
 # --------------------------------------------------------------------------------------------
 # normalize
 # --------------------------------------------------------------------------------------------
@@ -124,7 +141,7 @@ def _normalize_float255(x: Tensor, mean, std) -> Tensor:
     """Same as :func:`normalize` for a float tensor holding integer values in [0, 255]."""
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    return x.to(torch.float32).mul_(1.0 / 255).sub_(m).div_(s)
+    return x.to(torch.float32).mul(1.0 / 255).sub_(m).div_(s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,11 +177,11 @@ def _aa_bilinear_weights(start: Tensor, length: Tensor, in_size: int, out_size: 
     i = torch.arange(out_size, device=dev, dtype=torch.float32)[None, :, None]  # (1,S,1)
     center = scale * (i + 0.5)  # crop-relative coordinate of each output sample
     p = torch.arange(in_size, device=dev, dtype=torch.float32)[None, None, :]  # (1,1,N)
-    rel = p - start.to(torch.float32)[:, None, None]  # crop-relative pixel index
-    w = torch.clamp(1.0 - torch.abs(rel + 0.5 - center) / support_scale, min=0.0)
-    inside = (rel >= 0) & (rel < length.to(torch.float32)[:, None, None])
-    w = w * inside
-    return w / w.sum(dim=-1, keepdim=True)
+    rel = p - start.to(torch.float32)[:, None, None]  # crop-relative pixel index, (B,1,N)
+    inside = ((rel >= 0) & (rel < length.to(torch.float32)[:, None, None])).to(torch.float32)
+    w = (rel + 0.5) - center  # (B,S,N) distance from each output sample's centre
+    w.abs_().div_(support_scale).neg_().add_(1.0).clamp_(min=0.0).mul_(inside)  # triangle filter
+    return w.div_(w.sum(dim=-1, keepdim=True))
 
 
 def resized_crop(images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, size: int) -> Tensor:
@@ -176,9 +193,12 @@ def resized_crop(images: Tensor, top: Tensor, left: Tensor, height: Tensor, widt
     B, C, H, W = images.shape
     wy = _aa_bilinear_weights(top, height, H, size)  # (B,S,H)
     wx = _aa_bilinear_weights(left, width, W, size)  # (B,S,W)
-    x = images.to(torch.float32)
-    out = torch.matmul(wy[:, None], x)  # (B,C,S,W)
-    out = torch.matmul(out, wx.transpose(1, 2)[:, None])  # (B,C,S,S)
+    S = size
+    x = images.to(torch.float32).reshape(B, C * H, W)
+    t = torch.bmm(x, wx.transpose(1, 2))  # (B, C*H, S): resize along W
+    t = t.view(B, C, H, S).transpose(2, 3).reshape(B, C * S, H)
+    t = torch.bmm(t, wy.transpose(1, 2))  # (B, C*S_x, S_y): resize along H
+    out = t.view(B, C, S, S).transpose(2, 3).contiguous()
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -186,33 +206,71 @@ def resized_crop(images: Tensor, top: Tensor, left: Tensor, height: Tensor, widt
 # RandAugment
 # --------------------------------------------------------------------------------------------
 
-def ra_magnitude(op: str, magnitude_bin: int, height: int, width: int, num_bins: int = 31, negative: bool = False) -> float:
-    """Magnitude torchvision's ``RandAugment`` uses for ``op`` at bin ``magnitude_bin``.
+def _own_ra_space(num_bins: int, height: int, width: int) -> dict:
+    """Fallback copy of torchvision (0.29) ``RandAugment._AUGMENTATION_SPACE`` evaluated at a size."""
+    lin = lambda lo, hi: torch.linspace(lo, hi, num_bins)  # noqa: E731
+    return {
+        "Identity": (None, False),
+        "ShearX": (lin(0.0, 0.3), True),
+        "ShearY": (lin(0.0, 0.3), True),
+        "TranslateX": (lin(0.0, 150.0 / 331.0 * width), True),
+        "TranslateY": (lin(0.0, 150.0 / 331.0 * height), True),
+        "Rotate": (lin(0.0, 30.0), True),
+        "Brightness": (lin(0.0, 0.9), True),
+        "Color": (lin(0.0, 0.9), True),
+        "Contrast": (lin(0.0, 0.9), True),
+        "Sharpness": (lin(0.0, 0.9), True),
+        "Posterize": ((8 - (torch.arange(num_bins) / ((num_bins - 1) / 4))).round().int(), False),
+        "Solarize": (lin(1.0, 0.0), False),
+        "AutoContrast": (None, False),
+        "Equalize": (None, False),
+    }
 
-    Mirrors ``RandAugment._AUGMENTATION_SPACE`` (computed with the same ``torch.linspace`` so
-    the float values are identical); signed ops are negated when ``negative``.  Ops without a
-    magnitude return 0.0.
+
+@functools.lru_cache(maxsize=64)
+def _ra_space(num_bins: int, height: int, width: int) -> dict:
+    """op -> (tuple of per-bin magnitudes or None, signed).
+
+    Taken from the installed torchvision's ``RandAugment._AUGMENTATION_SPACE`` so that the float
+    values (and version differences such as the Solarize scale) are exactly torchvision's; falls
+    back to a built-in copy if that private table is missing or has another layout.
     """
-    lin = lambda hi: float(torch.linspace(0.0, hi, num_bins)[magnitude_bin])  # noqa: E731
-    if op in ("Identity", "AutoContrast", "Equalize"):
-        return 0.0
-    if op in ("ShearX", "ShearY"):
-        mag = lin(0.3)
-    elif op == "TranslateX":
-        mag = lin(150.0 / 331.0 * width)
-    elif op == "TranslateY":
-        mag = lin(150.0 / 331.0 * height)
-    elif op == "Rotate":
-        mag = lin(30.0)
-    elif op in ("Brightness", "Color", "Contrast", "Sharpness"):
-        mag = lin(0.9)
-    elif op == "Posterize":
-        return float((8 - (torch.arange(num_bins) / ((num_bins - 1) / 4))).round().int()[magnitude_bin])
-    elif op == "Solarize":
-        return float(torch.linspace(1.0, 0.0, num_bins)[magnitude_bin])
-    else:
+    def evaluate(space, call):
+        out = {}
+        for op, signed in zip(RA_OPS, RA_SIGNED):
+            fn_or_mags, tv_signed = space[op]
+            mags = call(fn_or_mags)
+            if bool(tv_signed) != signed:
+                raise ValueError(op)
+            out[op] = (None if mags is None else tuple(float(v) for v in mags), signed)
+        return out
+
+    try:
+        from torchvision.transforms.v2 import RandAugment
+
+        return evaluate(RandAugment._AUGMENTATION_SPACE, lambda fn: fn(num_bins, height, width))
+    except Exception:  # pragma: no cover - depends on the torchvision version
+        return evaluate(_own_ra_space(num_bins, height, width), lambda mags: mags)
+
+
+def _solarize_threshold(magnitude: float, num_bins: int = 31) -> float:
+    # torchvision >= 0.16-ish tabulates Solarize on [1, 0] and scales by the dtype's max (255);
+    # older versions tabulated [255, 0] and used it as is.
+    solarize = _ra_space(num_bins, 1, 1)["Solarize"][0]
+    return magnitude if max(solarize) > 1.0 else 255.0 * magnitude
+
+
+def ra_magnitude(op: str, magnitude_bin: int, height: int, width: int, num_bins: int = 31, negative: bool = False) -> float:
+    """Magnitude torchvision's ``RandAugment`` uses for ``op`` at bin ``magnitude_bin`` for an
+    image of size ``(height, width)``: ``float(magnitudes[bin])``, negated for signed ops when
+    ``negative``; 0.0 for ops without a magnitude (Identity, AutoContrast, Equalize)."""
+    if op not in RA_OPS:
         raise ValueError(f"unknown RandAugment op {op!r}")
-    return -mag if negative else mag
+    mags, signed = _ra_space(num_bins, height, width)[op]
+    if mags is None:
+        return 0.0
+    mag = mags[magnitude_bin]
+    return -mag if (signed and negative) else mag
 
 
 def apply_ra_op(images: Tensor, op: str, magnitude: float) -> Tensor:
@@ -252,7 +310,7 @@ def apply_ra_op(images: Tensor, op: str, magnitude: float) -> Tensor:
     if op == "Posterize":
         return TF.posterize(images, bits=int(magnitude))
     if op == "Solarize":
-        return TF.solarize(images, threshold=255.0 * magnitude)
+        return TF.solarize(images, threshold=_solarize_threshold(magnitude))
     if op == "AutoContrast":
         return TF.autocontrast(images)
     if op == "Equalize":
@@ -332,8 +390,11 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
         f = factors.gather(1, order[:, k:k + 1]).view(B, 1, 1, 1)
         gray = _grayscale(x).floor_()
         mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
-        g = torch.where(op == 1, mean, gray)
-        g = torch.where(op == 0, torch.zeros_like(g), g)
+        # g = 0 (brightness), mean (contrast) or gray (saturation); exact selection by 0/1 weights
+        # (cheaper than a broadcast torch.where on CPU).
+        is_con = (op == 1).to(x.dtype)
+        is_sat = (op == 2).to(x.dtype)
+        g = torch.addcmul(mean * is_con, gray, is_sat)
         # addcmul rounds like torchvision's ``image.mul(f).add_(g, alpha=1 - f)`` (bit-identical
         # on CPU); for brightness g == 0 and this is exactly ``image.mul(f)``.
         x = torch.addcmul(x * f, g, 1.0 - f).clamp_(0, 255).floor_()
@@ -383,7 +444,13 @@ def erase(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, apply: Ten
     t, l_ = top.view(B, 1, 1), left.view(B, 1, 1)
     mask = (rows >= t) & (rows < t + h.view(B, 1, 1)) & (cols >= l_) & (cols < l_ + w.view(B, 1, 1))
     mask &= apply.view(B, 1, 1)
-    return x.masked_fill(mask[:, None], value)
+    keep = (~mask).to(x.dtype)[:, None]
+    # multiply by a 0/1 mask (a broadcast masked_fill/where is several times slower on CPU);
+    # the erased pixels become (+/-)0.0, then ``value`` is added there.
+    out = x * keep
+    if value != 0:
+        out = out + (1.0 - keep) * value
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,7 +554,7 @@ class BatchAugment:
         if self.hflip:
             flip = _rand((B,), generator, dev) < 0.5
             params["flip"] = flip
-            x = torch.where(flip.view(B, 1, 1, 1), x.flip(-1), x)
+            x = _select(x, x.flip(-1), flip)
         # RandAugment
         if self.ra_n > 0:
             all_ops, all_neg = [], []

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from ..augment import BatchAugment, MixupCutmix, normalize, soft_target_cross_entropy
 from ..config import TrainConfig
+from ..augment.reference import torchvision_train_transform
 from ..data import load_dataset, resolve_data_root
+from ..data.loaders import DeviceLoader, TorchvisionLoader
 from ..errors import ConfigError, UserError
 from ..eval.metrics import classification_report, confusion_matrix, per_class_metrics, summary_metrics, topk_correct
 from ..models import count_params, create_model
@@ -87,33 +89,31 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> torch.nn
 
 
 def load_data(cfg: TrainConfig, device: torch.device, train: bool = True):
-    """(train, test) datasets on the device; train is None when train=False."""
+    """(train, test) datasets, test on the device; train is None when train=False.
+
+    The training set moves to the device only for the device loader; the torchvision loader reads it on the CPU.
+    """
     root = resolve_data_root(cfg.data_dir)
     test = load_dataset(cfg.dataset, root, "test", download=cfg.download).subset(cfg.test_subset).to(device)
     if not train:
         return None, test
     train_ds = load_dataset(cfg.dataset, root, "train", download=cfg.download).subset(cfg.train_subset)
-    return train_ds.to(device), test
+    return (train_ds.to(device) if cfg.loader == "device" else train_ds), test
 
 
-def build_augment(cfg: TrainConfig, train) -> BatchAugment:
-    return BatchAugment(image_size=train.image_size, mean=train.mean, std=train.std, scale=cfg.scale,
-                        hflip=cfg.hflip, ra_n=cfg.ra_n, ra_m=cfg.ra_m, jitter=cfg.jitter, reprob=cfg.reprob,
-                        no_aug=cfg.no_aug)
+def build_loader(cfg: TrainConfig, train, generator: torch.Generator, device: torch.device):
+    aug = dict(image_size=train.image_size, mean=train.mean, std=train.std, scale=cfg.scale, hflip=cfg.hflip,
+               ra_n=cfg.ra_n, ra_m=cfg.ra_m, jitter=cfg.jitter, reprob=cfg.reprob, no_aug=cfg.no_aug)
+    if cfg.loader == "torchvision":
+        return TorchvisionLoader(train, cfg.batch_size, torchvision_train_transform(**aug), generator, device,
+                                 workers=cfg.workers)
+    return DeviceLoader(train, cfg.batch_size, BatchAugment(**aug), generator)
 
 
 def build_mix(cfg: TrainConfig, num_classes: int) -> MixupCutmix:
     mixup, cutmix = (0.0, 0.0) if cfg.no_aug else (cfg.mixup, cfg.cutmix)
     return MixupCutmix(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob,
                        label_smoothing=cfg.label_smoothing, num_classes=num_classes)
-
-
-def batch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """Batch boundaries over n items; a trailing batch of one is dropped (BatchNorm cannot train on it)."""
-    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-        bounds.pop()
-    return bounds
 
 
 @torch.no_grad()
@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
     params = count_params(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.wd, eps=cfg.opt_eps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    augment = build_augment(cfg, train_ds)
+    loader = build_loader(cfg, train_ds, gen, device)
     mix = build_mix(cfg, train_ds.num_classes)
 
     start_epoch, history, train_seconds = 0, [], 0.0
@@ -231,10 +231,9 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_metrics(run_dir / "metrics.jsonl", history)
 
-    slices = batch_slices(len(train_ds), cfg.batch_size)
     amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     log(f"run {run_dir}: {cfg.model} ({params:,} params) on {device} {amp_name}, {cfg.dataset} "
-        f"{len(train_ds)} train / {len(test_ds)} test, {cfg.epochs} epochs x {len(slices)} steps of {cfg.batch_size}")
+        f"{len(train_ds)} train / {len(test_ds)} test, {cfg.epochs} epochs x {len(loader)} steps of {cfg.batch_size}, {cfg.loader} loader")
     if resume is not None:
         log(f"resuming after epoch {start_epoch}")
     log(HEADER)
@@ -245,21 +244,17 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     for epoch in range(start_epoch, end_epoch):
         model.train()
-        perm = torch.randperm(len(train_ds), generator=gen, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         t0 = time.perf_counter()
-        bar = tqdm(slices, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not sys.stderr.isatty(),
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not sys.stderr.isatty(),
                    unit="batch")
-        for i, (s, e) in enumerate(bar):
-            lr = lr_at(epoch + (i + 1) / len(slices), schedule=cfg.schedule, lr_max=cfg.lr_max,
+        for i, (x, y) in enumerate(bar):
+            lr = lr_at(epoch + (i + 1) / len(loader), schedule=cfg.schedule, lr_max=cfg.lr_max,
                        epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = perm[s:e]
-            x = augment(train_ds.images[idx], gen)
-            y = train_ds.labels[idx]
             if mix.enabled:
                 x, targets = mix(x, y, gen)
             if cfg.channels_last:
@@ -277,9 +272,9 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
-            seen += len(idx)
+            seen += len(y)
             if bar.disable is False and i % 10 == 0:
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",

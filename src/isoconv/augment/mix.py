@@ -1,0 +1,136 @@
+"""Batch Mixup / CutMix with soft targets (timm ``Mixup`` semantics, ``mode="batch"``).
+
+One mixing decision and one ``lam`` per batch; the partner of sample ``i`` is sample ``B-1-i``
+(``x.flip(0)``), so odd batch sizes work (the middle sample pairs with itself).
+
+Randomness: each call draws one 63-bit seed from the passed ``torch.Generator`` and takes every
+other random number (apply?, mixup-vs-cutmix, ``lam ~ Beta(alpha, alpha)``, the CutMix box
+centre) from ``numpy.random.default_rng(seed)``.  The result is therefore a deterministic
+function of the generator state (reproducible and resumable with it), and ``lam`` is a host-side
+float as in timm.  Calls with mixing disabled (both alphas 0) draw nothing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["one_hot_smooth", "MixupCutmix", "soft_target_cross_entropy"]
+
+
+def one_hot_smooth(targets: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
+    """``(B,)`` class indices -> ``(B, num_classes)`` float32 soft targets (timm convention):
+    off value ``smoothing / C``, on value ``1 - smoothing + smoothing / C``; rows sum to 1."""
+    if targets.ndim != 1:
+        raise ValueError(f"targets must be a 1-D tensor of class indices, got shape {tuple(targets.shape)}")
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    out = torch.full((targets.shape[0], num_classes), off, dtype=torch.float32, device=targets.device)
+    return out.scatter_(1, targets.long().view(-1, 1), on)
+
+
+def soft_target_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
+    """Mean over the batch of ``sum_c -t_c * log_softmax(logits)_c``."""
+    return torch.sum(-soft_targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+class MixupCutmix:
+    """Mixup / CutMix on a whole batch, returning ``(mixed x, soft targets (B, C))``.
+
+    With probability ``prob`` a batch is mixed, otherwise returned unchanged with label-smoothed
+    one-hot targets.  If both alphas are > 0, CutMix is chosen with probability ``switch_prob``.
+    ``lam ~ Beta(alpha, alpha)``.  Mixup: ``lam * x + (1 - lam) * x.flip(0)``.  CutMix: a box of
+    side ``int(H * sqrt(1 - lam))`` x ``int(W * sqrt(1 - lam))`` centred at a uniform random pixel,
+    clipped to the image, is pasted from ``x.flip(0)`` and ``lam`` is corrected to
+    ``1 - box_area / (H * W)``.  Targets: ``lam * smooth(y) + (1 - lam) * smooth(y.flip(0))``.
+
+    The caller's ``x`` is never modified.  After each call ``last_lam`` (float; 1.0 when not
+    mixed), ``last_mode`` (``"mixup"``, ``"cutmix"`` or ``None``) and ``last_box``
+    (``(y0, y1, x0, x1)`` for CutMix, else ``None``) describe what was done.
+    """
+
+    def __init__(
+        self,
+        *,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.0,
+        num_classes: int = 10,
+    ) -> None:
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
+        if not 0.0 <= switch_prob <= 1.0:
+            raise ValueError(f"switch_prob must be in [0, 1], got {switch_prob}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.mixup_alpha = float(mixup_alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self.prob = float(prob)
+        self.switch_prob = float(switch_prob)
+        self.label_smoothing = float(label_smoothing)
+        self.num_classes = int(num_classes)
+        self.last_lam: float = 1.0
+        self.last_mode: Optional[str] = None
+        self.last_box: Optional[tuple[int, int, int, int]] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def __repr__(self) -> str:
+        return (
+            f"MixupCutmix(mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha}, prob={self.prob}, "
+            f"switch_prob={self.switch_prob}, label_smoothing={self.label_smoothing}, num_classes={self.num_classes})"
+        )
+
+    def _sample(self, generator: torch.Generator, height: int, width: int):
+        """-> (mode, lam, box) for one batch."""
+        if not self.enabled:
+            return None, 1.0, None
+        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device).item())
+        rng = np.random.default_rng(seed)
+        if not rng.random() < self.prob:
+            return None, 1.0, None
+        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
+            use_cutmix = bool(rng.random() < self.switch_prob)
+        else:
+            use_cutmix = self.cutmix_alpha > 0
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        lam = float(rng.beta(alpha, alpha))
+        if not use_cutmix:
+            return "mixup", lam, None
+        ratio = np.sqrt(1.0 - lam)
+        cut_h, cut_w = int(height * ratio), int(width * ratio)
+        cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+        y0, y1 = int(np.clip(cy - cut_h // 2, 0, height)), int(np.clip(cy + cut_h // 2, 0, height))
+        x0, x1 = int(np.clip(cx - cut_w // 2, 0, width)), int(np.clip(cx + cut_w // 2, 0, width))
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+        return "cutmix", lam, (y0, y1, x0, x1)
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(f"MixupCutmix expects a float (B, C, H, W) batch, got {x.dtype} {tuple(x.shape)}")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"targets must be (B,) class indices for a batch of {x.shape[0]}, got {tuple(y.shape)}")
+        mode, lam, box = self._sample(generator, x.shape[-2], x.shape[-1])
+        self.last_mode, self.last_lam, self.last_box = mode, lam, box
+        if mode == "mixup":
+            x = x * lam + x.flip(0) * (1.0 - lam)
+        elif mode == "cutmix":
+            y0, y1, x0, x1 = box
+            x = x.clone()
+            x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+        t = one_hot_smooth(y, self.num_classes, self.label_smoothing)
+        if mode is not None:
+            t = t * lam + t.flip(0) * (1.0 - lam)
+        return x, t

@@ -1,0 +1,69 @@
+"""The conventional per-image torchvision pipeline of the reference ConvMixer CIFAR-10 trainer.
+
+Used for the ``--loader torchvision`` baseline (in DataLoader workers) and as ground truth for
+:class:`isoconv.augment.BatchAugment` in the tests.  The transforms act on ONE image: a uint8
+CHW tensor or a PIL image (RandAugment/ColorJitter then use PIL semantics, as the original
+trainer did), and return a normalized float32 CHW tensor.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchvision.transforms import v2 as T
+
+__all__ = ["torchvision_train_transform", "torchvision_test_transform"]
+
+
+def torchvision_train_transform(
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: float = 0.75,
+    hflip: bool = True,
+    ra_n: int = 1,
+    ra_m: int = 8,
+    jitter: float = 0.1,
+    reprob: float = 0.25,
+    no_aug: bool = False,
+) -> T.Compose:
+    """RandomResizedCrop -> flip -> RandAugment -> ColorJitter -> to float -> Normalize -> RandomErasing.
+
+    Stages are left out exactly when :class:`~isoconv.augment.BatchAugment` skips them
+    (``hflip=False``, ``ra_n=0``, ``jitter=0``, ``reprob=0``); ``no_aug`` gives the test transform.
+    """
+    if no_aug:
+        return torchvision_test_transform(image_size=image_size, mean=mean, std=std)
+    steps: list = [
+        T.RandomResizedCrop(
+            image_size, scale=(scale, 1.0), ratio=(1.0, 1.0),
+            interpolation=T.InterpolationMode.BILINEAR, antialias=True,
+        )
+    ]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip(p=0.5))
+    if ra_n > 0:
+        steps.append(T.RandAugment(num_ops=ra_n, magnitude=ra_m))
+    if jitter > 0:
+        steps.append(T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    steps += [
+        T.ToImage(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=list(mean), std=list(std)),
+    ]
+    if reprob > 0:
+        steps.append(T.RandomErasing(p=reprob, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0))
+    steps.append(T.ToPureTensor())  # a plain torch.Tensor, not a tv_tensors.Image
+    return T.Compose(steps)
+
+
+def torchvision_test_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """Resize to ``image_size`` (bilinear, antialias; a no-op at the native size) -> to float -> Normalize."""
+    return T.Compose([
+        T.Resize([image_size, image_size], interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.ToImage(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=list(mean), std=list(std)),
+        T.ToPureTensor(),
+    ])
