@@ -462,6 +462,8 @@ def test_erase_box_distribution_matches_torchvision():
     tv = torch.tensor(tv, dtype=torch.float64)
     assert abs(tv.mean() - ours.mean()) < 0.01
     assert abs(tv.std() - ours.std()) < 0.01
+    assert (h[apply] < 32).all() and (w[apply] < 32).all()  # the box must fit strictly (torchvision)
+    assert h[apply].max() == 31 and w[apply].max() == 31
     aspect = (h.double() / w.double())[apply]
     assert 0.2 < aspect.min() and aspect.max() < 4.5
 
