@@ -608,3 +608,40 @@ def test_mix_odd_batch_and_determinism():
         mix(x, y, gen(s))
         lams.add(mix.last_lam)
     assert len(lams) > 1
+
+
+# ----------------------------------------------------------------------------- translation (RandomCrop padding)
+
+def test_translate_equals_torchvision_crop_of_zero_padded_image_per_image():
+    from isoconv.augment.batched import random_translate
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    out, dy, dx = random_translate(x, 4, g)
+    for i in range(64):
+        ref = TF.crop(TF.pad(x[i], [4, 4, 4, 4]), int(dy[i]), int(dx[i]), 32, 32)
+        assert torch.equal(out[i], ref)
+    assert int(dy.min()) == 0 and int(dy.max()) == 8  # offsets span [0, 2*pad]
+    assert len(set(zip(dy.tolist(), dx.tolist()))) > 20  # per image, not one shift for the batch
+
+
+def test_batch_augment_translate_stage_and_reference_pipeline():
+    from isoconv.augment import torchvision_train_transform
+
+    aug = BatchAugment(image_size=32, mean=MEAN, std=STD, scale=1.0, translate=2, hflip=False, ra_n=0,
+                       jitter=0, reprob=0)
+    x = torch.full((8, 3, 32, 32), 200, dtype=torch.uint8)
+    out = aug(x, torch.Generator().manual_seed(0))
+    dy, dx = aug.last_params["translate"]
+    zero = (0 - MEAN[0]) / STD[0]
+    for i in range(8):  # shifted-in border rows/cols are zero pixels, the rest the image
+        shift_rows = abs(int(dy[i]) - 2)
+        assert torch.allclose(out[i, 0, 16, 16], torch.tensor((200 / 255 - MEAN[0]) / STD[0]))
+        if shift_rows:
+            edge = 0 if int(dy[i]) < 2 else 31
+            assert torch.allclose(out[i, 0, edge], torch.full((32,), zero))
+    names = [type(t).__name__ for t in torchvision_train_transform(image_size=32, mean=MEAN, std=STD,
+                                                                   translate=2).transforms]
+    assert names.index("RandomCrop") == names.index("RandomResizedCrop") + 1
+    with pytest.raises(ValueError, match="translate must be a non-negative integer, got -1"):
+        BatchAugment(image_size=32, mean=MEAN, std=STD, translate=-1)

@@ -49,6 +49,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("augmentation")
     g.add_argument("--no-aug", action="store_const", const=True, help="normalize only")
     g.add_argument("--scale", type=float, help="RandomResizedCrop lower scale bound (1 = no crop)")
+    g.add_argument("--translate", type=int, help="random translation up to N pixels (RandomCrop with zero padding N)")
     g.add_argument("--no-hflip", dest="hflip", action="store_const", const=False)
     g.add_argument("--ra-n", type=int, help="RandAugment ops per image (0 = off)")
     g.add_argument("--ra-m", type=int, help="RandAugment magnitude, 0..30")
@@ -71,7 +72,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 TRAIN_FIELDS = ("model", "activation", "dim", "depth", "patch", "kernel", "skip_period", "drop_path", "dataset",
                 "data_dir", "download", "train_subset", "test_subset", "loader", "workers", "epochs", "batch_size",
                 "lr_max", "schedule", "warmup_epochs", "wd", "opt_eps", "clip_norm", "label_smoothing", "no_aug",
-                "scale", "hflip", "ra_n", "ra_m", "jitter", "reprob", "mixup", "cutmix", "mix_prob",
+                "scale", "translate", "hflip", "ra_n", "ra_m", "jitter", "reprob", "mixup", "cutmix", "mix_prob",
                 "mix_switch_prob", "amp", "channels_last", "seed", "device", "eval_every", "out")
 
 
@@ -96,7 +97,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["flip"], help="test-time augmentation: average with the mirrored image")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON (same keys as summary.json)")
+    p = sub.add_parser("bench", help="training and inference images/s side by side (loaders x precisions)")
+    p.add_argument("--models", default="cm-vanilla", help="comma-separated presets")
+    p.add_argument("--amps", default="off,bf16", help="comma-separated precisions from: auto, bf16, fp16, off")
+    p.add_argument("--loaders", default="device", help="comma-separated loaders from: device, torchvision")
+    p.add_argument("--recipe", help="recipe whose augmentation and optimiser settings are timed")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=3, help="timed windows (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     return parser
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    def split(value, flag):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items:
+            raise UserError(f"{flag} needs at least one value, got {value!r}")
+        return items
+
+    n_images = args.batch_size * (args.warmup + args.steps * args.windows)
+    cfg = build_config(args.recipe, batch_size=args.batch_size, data_dir=args.data_dir, device=args.device,
+                       workers=args.workers, channels_last=args.channels_last, train_subset=min(n_images, 50000),
+                       test_subset=args.batch_size)
+    run_bench(cfg, models=split(args.models, "--models"), amps=split(args.amps, "--amps"),
+              loaders=split(args.loaders, "--loaders"), steps=args.steps, warmup=args.warmup,
+              windows=args.windows, json_path=Path(args.json) if args.json else None)
+    return 0
 
 
 def cmd_models(args) -> int:
@@ -156,7 +190,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval}
+COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

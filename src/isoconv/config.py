@@ -54,6 +54,7 @@ class TrainConfig:
     # augmentation (reference convmixer-cifar10 defaults)
     no_aug: bool = False
     scale: float = 0.75
+    translate: int = 0
     hflip: bool = True
     ra_n: int = 1
     ra_m: int = 8
@@ -93,7 +94,7 @@ class TrainConfig:
                      "dim", "depth", "kernel", "patch"):
             positive(name)
         for name in ("wd", "label_smoothing", "jitter", "reprob", "mixup", "cutmix", "mix_prob", "workers",
-                     "warmup_epochs", "ra_n", "ra_m", "skip_period", "drop_path", "clip_norm"):
+                     "warmup_epochs", "ra_n", "ra_m", "translate", "skip_period", "drop_path", "clip_norm"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")

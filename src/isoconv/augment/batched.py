@@ -115,6 +115,21 @@ def _randint_below(n: Tensor, generator: torch.Generator) -> Tensor:
     return torch.minimum((u * n).long(), n - 1)
 
 
+def random_translate(x: Tensor, pad: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """torchvision ``RandomCrop(size, padding=pad)`` per image: zero-pad by ``pad``, then crop the
+    original size at a per-image offset (uniform integers in ``[0, 2*pad]``). Returns (out, dy, dx)."""
+    B, _, H, W = x.shape
+    dev = x.device
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=dev)
+    rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(B, device=dev)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+    return xp[batch, chans, rows, cols], dy, dx
+
+
 def _select(a: Tensor, b: Tensor, use_b: Tensor) -> Tensor:
     """Per-image ``b if use_b else a`` (``use_b`` bool ``(B,)``): an index_select of whole images,
     several times faster on CPU than a broadcast ``torch.where``."""
@@ -484,6 +499,7 @@ class BatchAugment:
         jitter: float = 0.1,
         reprob: float = 0.25,
         no_aug: bool = False,
+        translate: int = 0,
     ) -> None:
         if int(image_size) <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
@@ -512,6 +528,9 @@ class BatchAugment:
         self.jitter = float(jitter)
         self.reprob = float(reprob)
         self.no_aug = bool(no_aug)
+        if translate < 0 or int(translate) != translate:
+            raise ValueError(f"translate must be a non-negative integer, got {translate}")
+        self.translate = int(translate)
         self.last_params: dict = {}
 
     def __repr__(self) -> str:
@@ -551,6 +570,10 @@ class BatchAugment:
             top, left, side = sample_crop_boxes(B, H, W, self.scale, generator, dev)
             params["crop"] = (top, left, side)
             x = resized_crop(x, top, left, side, side, S)
+        # RandomCrop with zero padding (translation)
+        if self.translate > 0:
+            x, dy, dx = random_translate(x, self.translate, generator)
+            params["translate"] = (dy, dx)
         # RandomHorizontalFlip
         if self.hflip:
             flip = _rand((B,), generator, dev) < 0.5

@@ -27,6 +27,7 @@ def torchvision_train_transform(
     jitter: float = 0.1,
     reprob: float = 0.25,
     no_aug: bool = False,
+    translate: int = 0,
 ) -> T.Compose:
     """RandomResizedCrop -> flip -> RandAugment -> ColorJitter -> to float -> Normalize -> RandomErasing.
 
@@ -41,6 +42,8 @@ def torchvision_train_transform(
             interpolation=T.InterpolationMode.BILINEAR, antialias=True,
         )
     ]
+    if translate > 0:
+        steps.append(T.RandomCrop(image_size, padding=translate))
     if hflip:
         steps.append(T.RandomHorizontalFlip(p=0.5))
     if ra_n > 0:

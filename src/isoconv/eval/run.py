@@ -4,10 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from ..config import TrainConfig, apply_overrides
 from ..errors import UserError
 from ..train.checkpoint import load_checkpoint
-from ..train.loop import build_model, evaluate, load_data, resolve_amp, resolve_device, test_report
+from ..train.loop import (amp_name, build_model, evaluate, load_data, resolve_amp, resolve_device,
+                          test_report)
 
 
 def checkpoint_path(target: Path) -> Path:
@@ -37,5 +40,7 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
     result = evaluate(model, test, device=dev, amp_dtype=amp_dtype, channels_last=cfg.channels_last,
                       tta_flip=tta == "flip")
     fields, report = test_report(result, test.classes)
-    return {"checkpoint": str(path), "model": cfg.model, "recipe": cfg.recipe, "dataset": cfg.dataset,
-            "epoch": state["epoch"], "params": state.get("params"), "tta": tta, **fields, "report_text": report}
+    return {"run_dir": str(path.parent), "checkpoint": str(path), "model": cfg.model, "recipe": cfg.recipe,
+            "dataset": cfg.dataset, "epochs": state["epoch"], "params": state.get("params"),
+            "train_seconds": state.get("train_seconds"), "device": str(dev), "amp": amp_name(amp_dtype),
+            "torch": torch.__version__, "tta": tta, **fields, "report_text": report}

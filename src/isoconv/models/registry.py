@@ -203,9 +203,9 @@ def convmixer_256_8_k9_p1(**kwargs: Any) -> nn.Module:
     return ConvMixer(**kwargs)
 
 
-@register_model("cm-cpu", family="convmixer", defaults=_cm(128, 8, 5, 4, "gelu"))
+@register_model("cm-cpu", family="convmixer", defaults=_cm(128, 8, 5, 4, "relu"))
 def cm_cpu(**kwargs: Any) -> nn.Module:
-    """Small, fast ConvMixer for the default CPU recipe: 128/8, kernel 5, patch 4, GELU."""
+    """Small, fast ConvMixer for the default CPU recipe: 128/8, kernel 5, patch 4, ReLU (faster than GELU on CPU)."""
     return ConvMixer(**kwargs)
 
 

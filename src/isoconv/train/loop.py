@@ -19,8 +19,8 @@ import yaml
 from tqdm import tqdm
 
 from ..augment import BatchAugment, MixupCutmix, normalize, soft_target_cross_entropy
-from ..config import TrainConfig
 from ..augment.reference import torchvision_train_transform
+from ..config import TrainConfig
 from ..data import load_dataset, resolve_data_root
 from ..data.loaders import DeviceLoader, TorchvisionLoader
 from ..errors import ConfigError, UserError
@@ -67,6 +67,10 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
+def amp_name(dtype: Optional[torch.dtype]) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -102,12 +106,19 @@ def load_data(cfg: TrainConfig, device: torch.device, train: bool = True):
 
 
 def build_loader(cfg: TrainConfig, train, generator: torch.Generator, device: torch.device):
-    aug = dict(image_size=train.image_size, mean=train.mean, std=train.std, scale=cfg.scale, hflip=cfg.hflip,
-               ra_n=cfg.ra_n, ra_m=cfg.ra_m, jitter=cfg.jitter, reprob=cfg.reprob, no_aug=cfg.no_aug)
+    aug = dict(image_size=train.image_size, mean=train.mean, std=train.std, scale=cfg.scale,
+               translate=cfg.translate, hflip=cfg.hflip, ra_n=cfg.ra_n, ra_m=cfg.ra_m, jitter=cfg.jitter,
+               reprob=cfg.reprob, no_aug=cfg.no_aug)
     if cfg.loader == "torchvision":
         return TorchvisionLoader(train, cfg.batch_size, torchvision_train_transform(**aug), generator, device,
                                  workers=cfg.workers)
     return DeviceLoader(train, cfg.batch_size, BatchAugment(**aug), generator)
+
+
+def build_optimizer(cfg: TrainConfig, model, device: torch.device, amp_dtype):
+    """AdamW on all parameters (lr is set every step by the schedule) and the fp16 grad scaler."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.wd, eps=cfg.opt_eps)
+    return optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
 
 def build_mix(cfg: TrainConfig, num_classes: int) -> MixupCutmix:
@@ -156,6 +167,28 @@ def test_report(result: dict, classes: list[str]) -> tuple[dict[str, Any], str]:
 
 
 # ----------------------------------------------------------------------------- the loop
+
+def train_step(model, optimizer, scaler, mix: MixupCutmix, x, y, cfg: TrainConfig, gen, device, amp_dtype):
+    """One optimisation step on an augmented batch; returns (loss, logits), both still on the device."""
+    if mix.enabled:
+        x, targets = mix(x, y, gen)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp_dtype):
+        logits = model(x)
+        if mix.enabled:
+            loss = soft_target_cross_entropy(logits.float(), targets)
+        else:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.clip_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), logits.detach()
+
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
     state = {"data": gen.get_state(), "torch": torch.get_rng_state()}
@@ -213,8 +246,7 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = count_params(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.wd, eps=cfg.opt_eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    optimizer, scaler = build_optimizer(cfg, model, device, amp_dtype)
     loader = build_loader(cfg, train_ds, gen, device)
     mix = build_mix(cfg, train_ds.num_classes)
 
@@ -231,8 +263,7 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_metrics(run_dir / "metrics.jsonl", history)
 
-    amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    log(f"run {run_dir}: {cfg.model} ({params:,} params) on {device} {amp_name}, {cfg.dataset} "
+    log(f"run {run_dir}: {cfg.model} ({params:,} params) on {device} {amp_name(amp_dtype)}, {cfg.dataset} "
         f"{len(train_ds)} train / {len(test_ds)} test, {cfg.epochs} epochs x {len(loader)} steps of {cfg.batch_size}, {cfg.loader} loader")
     if resume is not None:
         log(f"resuming after epoch {start_epoch}")
@@ -255,23 +286,7 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
                        epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if mix.enabled:
-                x, targets = mix(x, y, gen)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp_dtype):
-                logits = model(x)
-                if mix.enabled:
-                    loss = soft_target_cross_entropy(logits.float(), targets)
-                else:
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logits = train_step(model, optimizer, scaler, mix, x, y, cfg, gen, device, amp_dtype)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -311,7 +326,7 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
     fields, report = test_report(result, test_ds.classes)
     summary = {"run_dir": str(run_dir), "model": cfg.model, "recipe": cfg.recipe, "dataset": cfg.dataset,
                "epochs": cfg.epochs, "params": params, "train_seconds": train_seconds, "device": str(device),
-               "amp": amp_name, "torch": torch.__version__, **fields}
+               "amp": amp_name(amp_dtype), "torch": torch.__version__, **fields}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "report.txt").write_text(report)
     log("")
