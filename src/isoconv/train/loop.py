@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -168,6 +169,38 @@ def test_report(result: dict, classes: list[str]) -> tuple[dict[str, Any], str]:
 
 # ----------------------------------------------------------------------------- the loop
 
+@dataclass
+class TrainingSetup:
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    generator: torch.Generator  # data order and augmentation
+    train_ds: Any
+    test_ds: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    loader: Any
+    mix: MixupCutmix
+
+
+def build_training(cfg: TrainConfig) -> TrainingSetup:
+    """Seeded device, data, model, optimiser and batch source for cfg, as train() and the benchmark use them."""
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    with torch.device("meta"):  # shape errors before any data is read or downloaded
+        build_model(cfg, num_classes=10, image_size=None)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    train_ds, test_ds = load_data(cfg, device)
+    model = build_model(cfg, train_ds.num_classes, train_ds.image_size).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scaler = build_optimizer(cfg, model, device, amp_dtype)
+    return TrainingSetup(device, amp_dtype, gen, train_ds, test_ds, model, optimizer, scaler,
+                         build_loader(cfg, train_ds, gen, device), build_mix(cfg, train_ds.num_classes))
+
+
 def train_step(model, optimizer, scaler, mix: MixupCutmix, x, y, cfg: TrainConfig, gen, device, amp_dtype):
     """One optimisation step on an augmented batch; returns (loss, logits), both still on the device."""
     if mix.enabled:
@@ -233,22 +266,11 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
         if (run_dir / "last.pt").exists():
             raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
 
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    with torch.device("meta"):  # shape errors before any data is read or downloaded
-        build_model(cfg, num_classes=10, image_size=None)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
-
-    train_ds, test_ds = load_data(cfg, device)
-    model = build_model(cfg, train_ds.num_classes, train_ds.image_size).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    setup = build_training(cfg)
+    device, amp_dtype, gen = setup.device, setup.amp_dtype, setup.generator
+    train_ds, test_ds, model = setup.train_ds, setup.test_ds, setup.model
+    optimizer, scaler, loader, mix = setup.optimizer, setup.scaler, setup.loader, setup.mix
     params = count_params(model)
-    optimizer, scaler = build_optimizer(cfg, model, device, amp_dtype)
-    loader = build_loader(cfg, train_ds, gen, device)
-    mix = build_mix(cfg, train_ds.num_classes)
 
     start_epoch, history, train_seconds = 0, [], 0.0
     if start_state is not None:
@@ -264,7 +286,8 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
     write_metrics(run_dir / "metrics.jsonl", history)
 
     log(f"run {run_dir}: {cfg.model} ({params:,} params) on {device} {amp_name(amp_dtype)}, {cfg.dataset} "
-        f"{len(train_ds)} train / {len(test_ds)} test, {cfg.epochs} epochs x {len(loader)} steps of {cfg.batch_size}, {cfg.loader} loader")
+        f"{len(train_ds)} train / {len(test_ds)} test, {cfg.epochs} epochs x {len(loader)} steps of "
+        f"{cfg.batch_size}, {cfg.loader} loader")
     if resume is not None:
         log(f"resuming after epoch {start_epoch}")
     log(HEADER)
@@ -287,10 +310,10 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, logits = train_step(model, optimizer, scaler, mix, x, y, cfg, gen, device, amp_dtype)
-            loss_sum += loss.detach() * len(y)
+            loss_sum += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if bar.disable is False and i % 10 == 0:
+            if not bar.disable and i % 10 == 0:
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                                 img_s=f"{seen / max(elapsed, 1e-9):.0f}")
