@@ -12,10 +12,7 @@ from isoconv.eval.metrics import (
     topk_correct,
 )
 
-try:
-    import sklearn.metrics as skm
-except ImportError:  # optional: never required
-    skm = None
+import sklearn.metrics as skm  # a test dependency (pyproject [test]): the reference implementation
 
 NAMES = ["cat", "dog", "bird", "frog", "zebra"]
 # true:  3x cat, 2x dog, 4x bird, 1x frog, no zebra; zebra and frog are never predicted
@@ -69,8 +66,7 @@ def test_confusion_matrix_random_against_loop():
     for a, b in zip(t.tolist(), p.tolist()):
         ref[a, b] += 1
     assert torch.equal(cm, ref)
-    if skm is not None:
-        assert cm.tolist() == skm.confusion_matrix(t.numpy(), p.numpy(), labels=list(range(7))).tolist()
+    assert cm.tolist() == skm.confusion_matrix(t.numpy(), p.numpy(), labels=list(range(7))).tolist()
 
 
 def test_confusion_matrix_validation():
@@ -143,7 +139,6 @@ def test_classification_report_text():
     assert "   macro avg       0.35      0.38      0.36        10" in text2
 
 
-@pytest.mark.skipif(skm is None, reason="scikit-learn not installed (optional cross-check)")
 def test_against_sklearn():
     g = torch.Generator().manual_seed(1)
     c = 6
