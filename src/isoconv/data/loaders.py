@@ -59,7 +59,7 @@ class TorchvisionLoader:
                  device: torch.device, workers: int = 2):
         self.device = device
         drop_last = len(ds) % batch_size == 1
-        self.epoch_seed = generator  # the order generator advances once per epoch, like DeviceLoader's
+        self.order_generator = generator  # one draw per epoch seeds the shuffle, so resuming restores the order
         self.loader = DataLoader(_TransformedImages(ds, transform), batch_size=batch_size, shuffle=True,
                                  num_workers=workers, drop_last=drop_last, pin_memory=device.type == "cuda",
                                  persistent_workers=workers > 0,
@@ -69,7 +69,8 @@ class TorchvisionLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.epoch_seed, device=self.epoch_seed.device).item())
+        gen = self.order_generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
         self.loader.generator.manual_seed(seed)
         for x, y in self.loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -89,7 +89,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- building blocks
 
-def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> torch.nn.Module:
+def build_model(cfg: TrainConfig, num_classes: int, image_size: Optional[int]) -> torch.nn.Module:
     return create_model(cfg.model, num_classes=num_classes, image_size=image_size, **cfg.model_overrides())
 
 
