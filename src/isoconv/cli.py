@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import AMP_CHOICES, LOADER_CHOICES, SCHEDULE_CHOICES, build_config, list_recipes, load_recipe
+from .config import (AMP_CHOICES, DATASET_CHOICES, LABEL_TYPE_CHOICES, LOADER_CHOICES, SCHEDULE_CHOICES,
+                     TEST_SPLIT_CHOICES, build_config, list_recipes, load_recipe)
 from .errors import UserError
 
 CPU_RECIPE = "cpu-quick"
@@ -26,8 +27,16 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-path", type=float, help="ConvNeXt stochastic depth rate")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["cifar10"])
-    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default $ISOCONV_DATA or ~/.cache/isoconv)")
+    g.add_argument("--dataset", choices=DATASET_CHOICES)
+    g.add_argument("--data-dir", help="folder holding the dataset (cifar-10-batches-py, cifar-100-python, "
+                   "tiny-imagenet-200; for --dataset folder the folder with train/ and val/); "
+                   "default $ISOCONV_DATA or ~/.cache/isoconv")
+    g.add_argument("--label-type", choices=LABEL_TYPE_CHOICES, help="CIFAR-100 fine (100) or coarse (20) labels")
+    g.add_argument("--image-size", type=int, help="resize images to this size once at decode time")
+    g.add_argument("--val-split", type=float, help="folder dataset without val/: hold out this fraction")
+    g.add_argument("--skip-bad-images", action="store_const", const=True,
+                   help="skip and count unreadable images instead of failing")
+    g.add_argument("--test-split", choices=TEST_SPLIT_CHOICES, help="full test set or the seed's 5k half")
     g.add_argument("--no-download", dest="download", action="store_const", const=False,
                    help="fail instead of downloading missing data")
     g.add_argument("--train-subset", type=int, help="train on the first N training images")
@@ -45,6 +54,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--opt-eps", type=float, help="AdamW epsilon")
     g.add_argument("--clip-norm", type=float, help="clip the gradient norm to this value")
     g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--pretrained", metavar="PATH", help="initial weights: an isoconv run/checkpoint, a timm or "
+                   "original-layout state dict")
 
     g = p.add_argument_group("augmentation")
     g.add_argument("--no-aug", action="store_const", const=True, help="normalize only")
@@ -63,17 +74,25 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--amp", choices=AMP_CHOICES, help="autocast precision (auto: bf16 where the hardware has it)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_const", const=True, help="SyncBatchNorm under torchrun/DDP")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs (always after the last)")
+    g.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N steps inside an epoch")
+    g.add_argument("--skip-nonfinite", action="store_const", const=True,
+                   help="skip (and count) steps whose loss is not finite instead of stopping")
+    g.add_argument("--tensorboard", action="store_const", const=True, help="also log scalars for TensorBoard")
     g.add_argument("--out", help="run directory (default runs/<timestamp>-<model>)")
 
 
 TRAIN_FIELDS = ("model", "activation", "dim", "depth", "patch", "kernel", "skip_period", "drop_path", "dataset",
-                "data_dir", "download", "train_subset", "test_subset", "loader", "workers", "epochs", "batch_size",
-                "lr_max", "schedule", "warmup_epochs", "wd", "opt_eps", "clip_norm", "label_smoothing", "no_aug",
-                "scale", "translate", "hflip", "ra_n", "ra_m", "jitter", "reprob", "mixup", "cutmix", "mix_prob",
-                "mix_switch_prob", "amp", "channels_last", "seed", "device", "eval_every", "out")
+                "data_dir", "download", "train_subset", "test_subset", "loader", "workers", "label_type",
+                "image_size", "val_split", "skip_bad_images", "test_split", "epochs", "batch_size",
+                "lr_max", "schedule", "warmup_epochs", "wd", "opt_eps", "clip_norm", "label_smoothing", "pretrained",
+                "no_aug", "scale", "translate", "hflip", "ra_n", "ra_m", "jitter", "reprob", "mixup", "cutmix",
+                "mix_prob", "mix_switch_prob", "amp", "channels_last", "compile", "sync_bn", "seed", "device",
+                "eval_every", "ckpt_every_steps", "skip_nonfinite", "tensorboard", "out")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,9 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 SCHEDULE_CHOICES = ("onecycle", "onecycle-frac", "cosine")
 LOADER_CHOICES = ("device", "torchvision")
+DATASET_CHOICES = ("cifar10", "cifar100", "tiny-imagenet", "folder")
+LABEL_TYPE_CHOICES = ("fine", "coarse")
+TEST_SPLIT_CHOICES = ("full", "half")
 
 
 @dataclass
@@ -41,6 +44,11 @@ class TrainConfig:
     test_subset: Optional[int] = None
     loader: str = "device"
     workers: int = 2
+    label_type: str = "fine"  # CIFAR-100: fine (100) or coarse (20 superclasses)
+    image_size: Optional[int] = None  # resize at decode time (None: the dataset's native size)
+    val_split: Optional[float] = None  # folder datasets without val/: hold out this fraction (fixed seed)
+    skip_bad_images: bool = False  # skip and count unreadable images instead of failing
+    test_split: str = "full"  # full test set, or "half" (the seed's 5k half-split)
     # optimisation
     epochs: int = 25
     batch_size: int = 512
@@ -51,6 +59,7 @@ class TrainConfig:
     opt_eps: float = 1e-8
     clip_norm: Optional[float] = None
     label_smoothing: float = 0.0
+    pretrained: Optional[str] = None  # initial weights (timm, original layouts or isoconv); classifier replaced if needed
     # augmentation (reference convmixer-cifar10 defaults)
     no_aug: bool = False
     scale: float = 0.75
@@ -67,9 +76,14 @@ class TrainConfig:
     # engine
     amp: str = "auto"
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model (compile time reported separately)
+    sync_bn: bool = False  # SyncBatchNorm under DDP
     seed: int = 0
     device: str = "auto"
     eval_every: int = 1
+    ckpt_every_steps: int = 0  # also checkpoint every N steps inside an epoch (0 = only at epoch ends)
+    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
+    tensorboard: bool = False  # also log every scalar to RUN_DIR/tensorboard
     out: Optional[str] = None
     # provenance (not training settings)
     recipe: Optional[str] = None
@@ -91,10 +105,11 @@ class TrainConfig:
             if v is not None and v <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
         for name in ("epochs", "batch_size", "lr_max", "eval_every", "train_subset", "test_subset",
-                     "dim", "depth", "kernel", "patch"):
+                     "dim", "depth", "kernel", "patch", "image_size"):
             positive(name)
         for name in ("wd", "label_smoothing", "jitter", "reprob", "mixup", "cutmix", "mix_prob", "workers",
-                     "warmup_epochs", "ra_n", "ra_m", "translate", "skip_period", "drop_path", "clip_norm"):
+                     "warmup_epochs", "ra_n", "ra_m", "translate", "skip_period", "drop_path", "clip_norm",
+                     "ckpt_every_steps"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
@@ -108,7 +123,11 @@ class TrainConfig:
             raise ConfigError(f"--scale must be in (0, 1], got {self.scale}")
         if self.ra_m > 30:
             raise ConfigError(f"--ra-m must be in 0..30 (torchvision RandAugment scale), got {self.ra_m}")
-        for name, choices in (("amp", AMP_CHOICES), ("schedule", SCHEDULE_CHOICES), ("loader", LOADER_CHOICES)):
+        if self.val_split is not None and not 0 < self.val_split < 1:
+            raise ConfigError(f"--val-split must be a fraction in (0, 1), got {self.val_split}")
+        for name, choices in (("amp", AMP_CHOICES), ("schedule", SCHEDULE_CHOICES), ("loader", LOADER_CHOICES),
+                              ("dataset", DATASET_CHOICES), ("label_type", LABEL_TYPE_CHOICES),
+                              ("test_split", TEST_SPLIT_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         return self

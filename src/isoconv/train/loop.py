@@ -31,7 +31,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .schedule import lr_at
 
 # Settings that may differ between a run and its resumption without changing what is computed.
-RUNTIME_KEYS = {"device", "workers", "data_dir", "download", "out", "description", "published"}
+RUNTIME_KEYS = {"device", "workers", "data_dir", "download", "out", "description", "published", "pretrained",
+                "ckpt_every_steps", "tensorboard", "skip_bad_images", "compile"}
 
 
 # ----------------------------------------------------------------------------- devices and precision
