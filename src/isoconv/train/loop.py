@@ -224,6 +224,12 @@ def train_step(model, optimizer, scaler, mix: MixupCutmix, x, y, cfg: TrainConfi
     return loss.detach(), logits.detach()
 
 
+def data_meta(ds) -> dict[str, Any]:
+    """What inference needs to preprocess images and name classes like training did."""
+    return {"classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std), "image_size": ds.image_size,
+            "dataset": ds.name}
+
+
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
     state = {"data": gen.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -338,7 +344,8 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
         append_metrics(run_dir / "metrics.jsonl", row)  # before the checkpoint: resume truncates extra rows
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng_state(gen),
-                         "train_seconds": train_seconds, "config": cfg.to_dict(), "params": params},
+                         "train_seconds": train_seconds, "config": cfg.to_dict(), "params": params,
+                         "data": data_meta(test_ds)},
                         run_dir / "last.pt")
         log(format_row({k: (float("nan") if v is None else v) for k, v in row.items()}))
 
