@@ -1,3 +1,4 @@
+import io
 import os
 from pathlib import Path
 
@@ -29,3 +30,56 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def lossless_subset() -> Path:
     return _require(SHARED_DATA / "cifar10_lossless_reference_subset.npz")
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet_root() -> Path:
+    """Folder holding the real tiny-imagenet-200 sample (official layout, 200 classes x 30 train, 2,000 val images,
+    re-saved at 32x32). Shared and read-only: tests that change it or cache next to it work on a copy."""
+    return _require(SHARED_DATA / "tiny-imagenet-200-subset32" / "tiny-imagenet-200").parent
+
+
+CIFAR100_TRAIN, CIFAR100_TEST = 600, 200
+
+
+def py2_pickle(obj) -> bytes:
+    """Protocol-2 pickle that stores bytes as py2 `str` (BINSTRING), as the official Python-2 CIFAR files do."""
+    import pickle
+    import struct
+
+    class Py2Pickler(pickle._Pickler):
+        dispatch = pickle._Pickler.dispatch.copy()
+
+        def save_py2_str(self, b):
+            if len(b) < 256:
+                self.write(pickle.SHORT_BINSTRING + bytes([len(b)]) + b)
+            else:
+                self.write(pickle.BINSTRING + struct.pack("<i", len(b)) + b)
+            self.memoize(b)
+
+        dispatch[bytes] = save_py2_str
+
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def cifar100_root(data_root, tmp_path_factory) -> Path:
+    """A small cifar-100-python folder in the official format (py2-style pickles with bytes keys): real CIFAR-10
+    test pixels with synthetic labels, fine label i % 100 and coarse label fine // 5, names fine00.. / coarse00.."""
+    from isoconv.data import load_cifar10
+
+    src = load_cifar10(data_root, train=False, download=False)
+    folder = tmp_path_factory.mktemp("cifar100") / "cifar-100-python"
+    folder.mkdir()
+    flat = src.images[:CIFAR100_TRAIN + CIFAR100_TEST].reshape(-1, 3072).numpy()
+    for name, rows in (("train", slice(0, CIFAR100_TRAIN)), ("test", slice(CIFAR100_TRAIN, None))):
+        fine = [i % 100 for i in range(rows.start, rows.start + len(flat[rows]))]
+        batch = {b"filenames": [f"img{i}.png".encode() for i in range(len(fine))], b"batch_label": name.encode(),
+                 b"fine_labels": fine, b"coarse_labels": [f // 5 for f in fine], b"data": flat[rows].copy()}
+        (folder / name).write_bytes(py2_pickle(batch))
+    meta = {b"fine_label_names": [f"fine{i:02d}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i:02d}".encode() for i in range(20)]}
+    (folder / "meta").write_bytes(py2_pickle(meta))
+    return folder.parent

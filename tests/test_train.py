@@ -35,7 +35,7 @@ def test_run_directory_has_every_artifact(data_root, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_top1", "test_top5",
-                            "epoch_seconds", "images_per_second"}
+                            "epoch_seconds", "images_per_second", "skipped_steps"}
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # one-cycle ends at zero
     saved = json.loads((run / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))

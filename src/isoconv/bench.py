@@ -1,97 +1,302 @@
-"""`isoconv bench`: training and inference throughput, side by side over loaders and precisions.
+"""`isoconv bench`: training and inference throughput side by side, and time to accuracy.
 
-Each configuration gets `warmup` untimed steps, then `windows` timed windows of `steps` steps each;
-the median window is reported. Training steps are the real ones (augmentation, mixing, AdamW).
-`epoch_seconds_estimate` is a 50,000-image (CIFAR-10) epoch at the measured training rate.
+Throughput (`run_bench`): for every model x loader x precision, `warmup` untimed training steps (with
+--compile they include the compilation), then `windows` timed windows of `steps` real training steps
+(augmentation, mixing, AdamW); the median window gives training images/s. Inference images/s is measured the
+same way on forward passes in eval mode over one fixed batch. Beside each rate:
+
+- achieved GFLOP/s: forward FLOPs per image (counted by `torch.utils.flop_counter`) x images/s, times 3 for
+  training (the backward pass costs about twice the forward), next to the machine's rate on one large square
+  matmul in the same precision, so the distance to the hardware limit is visible;
+- the training-epoch time: estimated from the rate for the whole training split (or `--epoch-images`), and with
+  `full_epoch` an actual timed epoch;
+- the speedup over the conventional torchvision loader at the same precision and at fp32.
+
+Time to accuracy (`time_to_accuracy`): trains a config with `isoconv.train.loop.train` and reports when test
+top-1 first reached a threshold, in training seconds and in wall seconds since the start.
 """
 from __future__ import annotations
 
 import json
+import math
+import platform
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from .config import TrainConfig
-from .train.loop import amp_name, autocast, build_training, train_step
+from .errors import ConfigError
+from .models.flops import forward_flops
+from .train.loop import (CompileTimer, amp_name, autocast, build_model, build_training, format_row, read_metrics,
+                         resolve_amp, resolve_device, train, train_step)
+
+AMP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _median_rate(run_window, images_per_window: int, windows: int, device) -> float:
-    times = []
-    for _ in range(windows):
-        _sync(device)
-        t0 = time.perf_counter()
-        run_window()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return images_per_window / statistics.median(times)
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of fn takes, device work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
-def bench_one(cfg: TrainConfig, *, steps: int, warmup: int, windows: int) -> dict[str, Any]:
+def median_seconds(fn: Callable[[], Any], windows: int, device: torch.device) -> float:
+    return statistics.median(timed(fn, device) for _ in range(windows))
+
+
+# ----------------------------------------------------------------------------- the machine
+
+def default_matmul_size(device: torch.device) -> int:
+    return 8192 if device.type == "cuda" else 1024
+
+
+def matmul_gflops(device: torch.device, amp: str, size: Optional[int] = None, repeats: int = 3) -> float:
+    """GFLOP/s of one `size` x `size` matmul in the precision `amp` (fp32, bf16 or fp16): median of `repeats`
+    timed calls after one untimed. fp32 on a GPU uses whatever torch.backends allow (TF32 is off by default)."""
+    size = size or default_matmul_size(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=gen).to(AMP_DTYPES[amp])
+    b = torch.randn(size, size, device=device, generator=gen).to(AMP_DTYPES[amp])
+    a @ b
+    seconds = median_seconds(lambda: a @ b, repeats, device)
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import torchvision
+
+    return {"device": str(device), "device_name": describe_device(device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------- throughput
+
+class Batches:
+    """Endless training batches from a loader, one epoch after another."""
+
+    def __init__(self, loader):
+        self.loader, self.it = loader, iter(())
+
+    def next(self):
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)
+
+
+def bench_one(cfg: TrainConfig, *, steps: int, warmup: int, windows: int, full_epoch: bool = False) -> dict[str, Any]:
+    """One row: training and inference images/s for cfg (model, loader, amp, batch size) and what follows."""
     setup = build_training(cfg)
-    device, amp_dtype, gen, model = setup.device, setup.amp_dtype, setup.generator, setup.model
+    device, amp_dtype, gen, model = setup.device, setup.amp_dtype, setup.generator, setup.step_model
     optimizer, scaler, loader, mix = setup.optimizer, setup.scaler, setup.loader, setup.mix
     image_size = setup.train_ds.image_size
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr_max / 10
-    batches = iter(())
+    step = CompileTimer(train_step, device) if cfg.compile else train_step
+    batches = Batches(loader)
 
-    def next_batch():
-        nonlocal batches
-        try:
-            return next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            return next(batches)
-
-    def train_window(n=steps):
+    def train_steps(n: int) -> None:
         model.train()
         for _ in range(n):
-            x, y = next_batch()
-            train_step(model, optimizer, scaler, mix, x, y, cfg, gen, device, amp_dtype)
+            x, y = batches.next()
+            step(model, optimizer, scaler, mix, x, y, cfg, gen, device, amp_dtype)
 
-    train_window(warmup)
-    train_rate = _median_rate(train_window, steps * cfg.batch_size, windows, device)
+    train_steps(warmup)
+    train_rate = steps * cfg.batch_size / median_seconds(lambda: train_steps(steps), windows, device)
 
     x = torch.randn(cfg.batch_size, 3, image_size, image_size, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
-    def infer_window(n=steps):
+    def infer(n: int) -> None:
         model.eval()
         for _ in range(n):
             with autocast(device, amp_dtype):
                 model(x)
 
-    infer_window(warmup)
-    infer_rate = _median_rate(infer_window, steps * cfg.batch_size, windows, device)
-    return {"model": cfg.model, "loader": cfg.loader, "amp": amp_name(amp_dtype),
-            "batch_size": cfg.batch_size, "channels_last": cfg.channels_last, "device": str(device),
-            "train_images_per_second": train_rate, "epoch_seconds_estimate": 50000 / train_rate, "inference_images_per_second": infer_rate}
+    first_inference = timed(lambda: infer(1), device)
+    infer(max(warmup - 1, 0))
+    infer_seconds = median_seconds(lambda: infer(steps), windows, device)
+    infer_rate = steps * cfg.batch_size / infer_seconds
+
+    epoch_seconds = None
+    if full_epoch:
+        def one_epoch():
+            model.train()
+            for x_, y_ in loader:
+                step(model, optimizer, scaler, mix, x_, y_, cfg, gen, device, amp_dtype)
+        epoch_seconds = timed(one_epoch, device)
+
+    flops = forward_flops(setup.model, image_size)
+    return {"model": cfg.model, "loader": cfg.loader, "amp": amp_name(amp_dtype), "batch_size": cfg.batch_size,
+            "channels_last": cfg.channels_last, "compile": cfg.compile, "device": str(device),
+            "train_images": len(setup.train_ds), "train_images_per_second": train_rate,
+            "inference_images_per_second": infer_rate,
+            "epoch_seconds_estimate": len(setup.train_ds) / train_rate, "epoch_seconds": epoch_seconds,
+            "forward_flops_per_image": flops, "train_gflops_per_second": 3 * flops * train_rate / 1e9,
+            "inference_gflops_per_second": flops * infer_rate / 1e9,
+            "compile_seconds": step.compile_seconds if cfg.compile else None,
+            "inference_compile_seconds": (max(0.0, first_inference - infer_seconds / steps) if cfg.compile
+                                          else None)}
+
+
+def add_comparisons(rows: list[dict], matmul: dict[str, float]) -> None:
+    """Fraction of the matmul rate, and speedups over the torchvision loader (same precision; fp32)."""
+    baseline = {(r["model"], r["amp"]): r for r in rows if r["loader"] == "torchvision"}
+
+    def ratio(row, base, key):
+        return row[key] / base[key] if base and row[key] and base[key] else None
+
+    for r in rows:
+        r["matmul_gflops"] = matmul[r["amp"]]
+        r["train_fraction_of_matmul"] = r["train_gflops_per_second"] / matmul[r["amp"]]
+        same, fp32 = baseline.get((r["model"], r["amp"])), baseline.get((r["model"], "fp32"))
+        r["speedup_vs_torchvision"] = ratio(r, same, "train_images_per_second")
+        r["speedup_vs_torchvision_fp32"] = ratio(r, fp32, "train_images_per_second")
+        # a shorter epoch is the better one: base / row
+        r["epoch_speedup_vs_torchvision"] = ratio(same, r, "epoch_seconds") if same else None
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+TABLE_COLUMNS = (("model", "<16"), ("loader", "<12"), ("amp", "<5"), ("train img/s", ">11"),
+                 ("infer img/s", ">11"), ("epoch s est", ">11"), ("epoch s", ">9"), ("train GFLOP/s", ">13"),
+                 ("% matmul", ">8"), ("x tv", ">6"), ("x tv fp32", ">9"), ("compile s", ">9"))
+
+
+def table_header() -> str:
+    return " ".join(format(name, spec) for name, spec in TABLE_COLUMNS)
+
+
+def table_row(r: dict) -> str:
+    cells = (r["model"], r["loader"], r["amp"], _fmt(r["train_images_per_second"], ".1f"),
+             _fmt(r["inference_images_per_second"], ".1f"), _fmt(r["epoch_seconds_estimate"], ".0f"),
+             _fmt(r["epoch_seconds"], ".0f"), _fmt(r["train_gflops_per_second"], ".2f"),
+             _fmt(r.get("train_fraction_of_matmul") and 100 * r["train_fraction_of_matmul"], ".1f"),
+             _fmt(r.get("speedup_vs_torchvision"), ".2f"), _fmt(r.get("speedup_vs_torchvision_fp32"), ".2f"),
+             _fmt(r["compile_seconds"], ".1f"))
+    return " ".join(format(c, spec) for c, (_, spec) in zip(cells, TABLE_COLUMNS))
+
+
+def bench_configs(cfg: TrainConfig, models: list[str], amps: list[str], loaders: list[str]) -> list[TrainConfig]:
+    """One validated config per row, checked before anything is timed (a typo should not cost the earlier rows)."""
+    configs = [replace(cfg, model=m, amp=a, loader=lo).validate() for m in models for lo in loaders for a in amps]
+    for c in configs[::len(loaders) * len(amps)]:
+        with torch.device("meta"):
+            build_model(c, num_classes=10, image_size=None)
+    return configs
 
 
 def run_bench(cfg: TrainConfig, *, models: list[str], amps: list[str], loaders: list[str], steps: int = 5,
-              warmup: int = 2, windows: int = 3, json_path: Optional[Path] = None, log=print) -> list[dict]:
+              warmup: int = 2, windows: int = 3, full_epoch: bool = False, matmul_size: Optional[int] = None,
+              json_path: Optional[Path] = None, log=print) -> dict[str, Any]:
+    """Every model x loader x precision; returns (and writes as JSON) {"machine": ..., "rows": [...]}."""
+    for name, value, least in (("--steps", steps, 1), ("--windows", windows, 1), ("--warmup", warmup, 0)):
+        if value < least:
+            raise ConfigError(f"{name} must be at least {least}, got {value}")
+    configs = bench_configs(cfg, models, amps, loaders)
+    device = resolve_device(cfg.device)
+    precisions = sorted({amp_name(resolve_amp(c.amp, device)) for c in configs}, key=list(AMP_DTYPES).index)
+    size = matmul_size or default_matmul_size(device)
+    matmul = {p: matmul_gflops(device, p, size) for p in precisions}
+    machine = {**machine_info(device), "matmul_size": size, "matmul_gflops": matmul}
+    log(f"{machine['device']} ({machine['device_name']}), {machine['threads']} threads, torch {machine['torch']}; "
+        f"{size}x{size} matmul: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in matmul.items()))
     rows = []
-    log(f"{'model':<16} {'loader':<12} {'amp':<5} {'train img/s':>12} {'infer img/s':>12} {'epoch s (50k)':>14}")
-    for model in models:
-        for loader in loaders:
-            for amp in amps:
-                row = bench_one(replace(cfg, model=model, amp=amp, loader=loader).validate(), steps=steps,
-                                warmup=warmup, windows=windows)
-                rows.append(row)
-                log(f"{model:<16} {loader:<12} {row['amp']:<5} {row['train_images_per_second']:>12.1f} "
-                    f"{row['inference_images_per_second']:>12.1f} {row['epoch_seconds_estimate']:>14.0f}")
+    for c in configs:
+        row = bench_one(c, steps=steps, warmup=warmup, windows=windows, full_epoch=full_epoch)
+        rows.append(row)
+        log(f"  {row['model']} {row['loader']} {row['amp']}: train {row['train_images_per_second']:.1f} img/s, "
+            f"inference {row['inference_images_per_second']:.1f} img/s")
+    add_comparisons(rows, matmul)
+    log(table_header())
+    for row in rows:
+        log(table_row(row))
+    report = {"mode": "throughput", "machine": machine, "steps": steps, "warmup": warmup, "windows": windows,
+              "rows": rows}
     if json_path:
-        json_path.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                         "rows": rows}, indent=2))
-    return rows
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    return report
+
+
+# ----------------------------------------------------------------------------- time to accuracy
+
+def epoch_timeline(rows: list[dict], logged_at: dict[str, float]) -> list[dict[str, Any]]:
+    """Per epoch: test top-1, cumulative training seconds, and the wall seconds at which its row was logged."""
+    out, train_seconds = [], 0.0
+    for r in rows:
+        train_seconds += r["epoch_seconds"]
+        line = format_row({k: (math.nan if v is None else v) for k, v in r.items()})
+        out.append({"epoch": r["epoch"], "test_top1": r["test_top1"], "train_seconds": train_seconds,
+                    "wall_seconds": logged_at.get(line)})
+    return out
+
+
+def time_to_accuracy(cfg: TrainConfig, threshold: float, *, json_path: Optional[Path] = None,
+                     log=print) -> dict[str, Any]:
+    """Train cfg and report when test top-1 (a fraction) first reached `threshold`.
+
+    wall_seconds counts from the call (data loading, model building, compilation, evaluation and checkpoints
+    included); train_seconds only the training epochs. Only evaluated epochs (--eval-every) can count.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"--time-to-accuracy {threshold} is not a top-1 fraction in [0, 1]; "
+                          f"write 0.925 for 92.5%")
+    logged_at: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def timed_log(message: str = "") -> None:
+        logged_at.setdefault(message, time.perf_counter() - t0)
+        log(message)
+
+    summary = train(cfg, log=timed_log)
+    total_wall = time.perf_counter() - t0
+    timeline = epoch_timeline(read_metrics(Path(summary["run_dir"]) / "metrics.jsonl"), logged_at)
+    hit = next((e for e in timeline if e["test_top1"] is not None and e["test_top1"] >= threshold), None)
+    report = {"mode": "time-to-accuracy", "threshold": threshold, "reached": hit is not None,
+              "epoch": hit and hit["epoch"], "test_top1": hit and hit["test_top1"],
+              "train_seconds": hit and hit["train_seconds"], "wall_seconds": hit and hit["wall_seconds"],
+              "final_test_top1": summary["test_top1"], "total_train_seconds": summary["train_seconds"],
+              "total_wall_seconds": total_wall, "compile_seconds": summary.get("compile_seconds"),
+              "recipe": cfg.recipe, "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+              "amp": summary["amp"], "loader": cfg.loader, "run_dir": summary["run_dir"],
+              "machine": machine_info(resolve_device(cfg.device)), "timeline": timeline}
+    if hit:
+        wall = _fmt(hit["wall_seconds"], ".1f", "?")
+        log(f"time to {threshold:.2%} test top-1: epoch {hit['epoch']} ({hit['test_top1']:.2%}), "
+            f"{hit['train_seconds']:.1f} s of training, {wall} s wall (data loading, compilation and "
+            f"evaluation included)")
+    else:
+        best = max((e["test_top1"] for e in timeline if e["test_top1"] is not None), default=None)
+        log(f"test top-1 never reached {threshold:.2%} in {cfg.epochs} epochs (best {_fmt(best, '.2%')}, "
+            f"{summary['train_seconds']:.1f} s of training)")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    return report

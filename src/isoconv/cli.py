@@ -116,25 +116,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["flip"], help="test-time augmentation: average with the mirrored image")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON (same keys as summary.json)")
-    p = sub.add_parser("bench", help="training and inference images/s side by side (loaders x precisions)")
-    p.add_argument("--models", default="cm-vanilla", help="comma-separated presets")
-    p.add_argument("--amps", default="off,bf16", help="comma-separated precisions from: auto, bf16, fp16, off")
-    p.add_argument("--loaders", default="device", help="comma-separated loaders from: device, torchvision")
-    p.add_argument("--recipe", help="recipe whose augmentation and optimiser settings are timed")
-    p.add_argument("--batch-size", type=int, default=128)
+    p = sub.add_parser("bench", help="training and inference images/s side by side (models x loaders x "
+                       "precisions), or time to accuracy")
+    p.add_argument("--recipe", help="recipe whose settings are timed (default: the reference defaults); with "
+                   "--time-to-accuracy the recipe trained (default: the one for this hardware)")
+    p.add_argument("--models", help="comma-separated presets (default: --model, else the recipe's model)")
+    p.add_argument("--amps", help="comma-separated precisions from: auto, bf16, fp16, off (default: --amp, "
+                   "else off,bf16)")
+    p.add_argument("--loaders", help="comma-separated loaders from: device, torchvision (default: --loader, "
+                   "else both)")
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
     p.add_argument("--windows", type=int, default=3, help="timed windows (the median is reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--data-dir")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (they include compilation)")
+    p.add_argument("--epoch-images", type=int, metavar="N", help="an epoch is the first N training images "
+                   "(default: the whole training split)")
+    p.add_argument("--full-epoch", action="store_true", help="also time one actual epoch per row (long on a CPU)")
+    p.add_argument("--matmul-size", type=int, metavar="N", help="side of the square matmul timed for the "
+                   "machine's GFLOP/s (default 1024 on a CPU, 8192 on a GPU)")
+    p.add_argument("--time-to-accuracy", type=float, metavar="TOP1", help="train the recipe instead and report "
+                   "when test top-1 first reached TOP1 (a fraction, e.g. 0.925)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_train_flags(p)  # --batch-size (default 128 without a recipe), --data-dir, --device, --compile, ...
+    from .experiments.cli import add_experiment_parsers
+    add_experiment_parsers(sub)  # ablate, report
+    p = sub.add_parser("predict", help="top-k classes for image files (from a run or an exported model)")
+    p.add_argument("target", metavar="RUN_DIR_OR_WEIGHTS", help="run directory, checkpoint, .safetensors, .onnx "
+                   "or TorchScript file")
+    p.add_argument("images", metavar="IMAGES", nargs="+", help="image files, folders (searched recursively) or "
+                   "glob patterns")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tta", choices=["flip"], help="test-time augmentation: average with the mirrored image")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fmt.add_argument("--csv", action="store_true", help="print CSV (file,rank,class,index,probability)")
+    p = sub.add_parser("export", help="export a run's model as ONNX, TorchScript or safetensors (config inside)")
+    p.add_argument("target", metavar="RUN_DIR", help="run directory, checkpoint or isoconv .safetensors file")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--out", metavar="FILE", help="output file (default: model.onnx, model.torchscript.pt or "
+                   "model.safetensors next to the weights)")
+    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (default: fixed)")
+    p.add_argument("--batch-size", type=int, default=1, help="ONNX: the fixed batch size (default 1)")
     return parser
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench import run_bench, time_to_accuracy
 
     def split(value, flag):
         items = [v.strip() for v in value.split(",") if v.strip()]
@@ -142,13 +170,30 @@ def cmd_bench(args) -> int:
             raise UserError(f"{flag} needs at least one value, got {value!r}")
         return items
 
-    n_images = args.batch_size * (args.warmup + args.steps * args.windows)
-    cfg = build_config(args.recipe, batch_size=args.batch_size, data_dir=args.data_dir, device=args.device,
-                       workers=args.workers, channels_last=args.channels_last, train_subset=min(n_images, 50000),
-                       test_subset=args.batch_size)
-    run_bench(cfg, models=split(args.models, "--models"), amps=split(args.amps, "--amps"),
-              loaders=split(args.loaders, "--loaders"), steps=args.steps, warmup=args.warmup,
-              windows=args.windows, json_path=Path(args.json) if args.json else None)
+    overrides = {f: getattr(args, f) for f in TRAIN_FIELDS}
+    json_path = Path(args.json) if args.json else None
+    if args.time_to_accuracy is not None:
+        for flag, value in (("--models", args.models), ("--amps", args.amps), ("--loaders", args.loaders),
+                            ("--epoch-images", args.epoch_images), ("--full-epoch", args.full_epoch or None)):
+            if value is not None:
+                raise UserError(f"{flag} is for throughput runs; with --time-to-accuracy use the train flags "
+                                f"(--model, --amp, --loader, --train-subset)")
+        recipe = args.recipe or (None if args.model else default_recipe())
+        time_to_accuracy(build_config(recipe, **overrides), args.time_to_accuracy, json_path=json_path)
+        return 0
+
+    if args.batch_size is None and args.recipe is None:
+        overrides["batch_size"] = 128
+    if args.epoch_images is not None:
+        overrides["train_subset"] = args.epoch_images
+    if args.test_subset is None:  # the test set is not used; keep its copy small
+        overrides["test_subset"] = overrides["batch_size"] or 128
+    cfg = build_config(args.recipe, **overrides)
+    run_bench(cfg, models=split(args.models or cfg.model, "--models"),
+              amps=split(args.amps or args.amp or "off,bf16", "--amps"),
+              loaders=split(args.loaders or args.loader or "device,torchvision", "--loaders"),
+              steps=args.steps, warmup=args.warmup, windows=args.windows, full_epoch=args.full_epoch,
+              matmul_size=args.matmul_size, json_path=json_path)
     return 0
 
 
@@ -177,13 +222,17 @@ def default_recipe() -> str:
 
 
 def cmd_train(args) -> int:
-    from .train import load_checkpoint, train
+    from .train.checkpoint import load_latest_checkpoint
+    from .train.loop import train
 
     overrides = {f: getattr(args, f) for f in TRAIN_FIELDS}
     if args.resume:
         if args.recipe:
             raise UserError("--resume continues a run with its stored config; drop --recipe")
-        stored = load_checkpoint(Path(args.resume) / "last.pt")["config"]
+        if not Path(args.resume).is_dir():
+            raise UserError(f"--resume {args.resume}: no such run directory; pass the folder a run wrote "
+                            f"(it holds last.pt)")
+        stored = load_latest_checkpoint(Path(args.resume) / "last.pt", warn=lambda _: None)["config"]
         cfg = build_config(None, **{**stored, **{k: v for k, v in overrides.items() if v is not None}})
         train(cfg, resume=Path(args.resume))
         return 0
@@ -209,7 +258,45 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}
+def cmd_predict(args) -> int:
+    from .interop.predict import format_csv, format_json, format_table, predict_files
+
+    result = predict_files(args.target, args.images, top_k=args.top_k, batch_size=args.batch_size,
+                           tta_flip=args.tta == "flip", device=args.device)
+    text = format_json(result) if args.json else format_csv(result) if args.csv else format_table(result)
+    if text:
+        print(text)
+    return 1 if result.skipped else 0
+
+
+def cmd_export(args) -> int:
+    from .interop.export import MATCH_TOLERANCE, export_target
+
+    result = export_target(args.target, args.format, args.out, dynamic_batch=args.dynamic_batch,
+                           batch_size=args.batch_size)
+    batch = "any batch size" if result.dynamic_batch else f"batch size {args.batch_size}"
+    check = "" if args.format == "safetensors" else f"; max abs diff vs PyTorch {result.max_abs_diff:.1e}"
+    print(f"wrote {result.path} ({args.format}, {batch}{check})")
+    if result.max_abs_diff > MATCH_TOLERANCE:
+        print(f"isoconv: warning: the exported model differs from PyTorch by {result.max_abs_diff:.2e} "
+              f"(more than {MATCH_TOLERANCE}); please report this", file=sys.stderr)
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from .experiments.cli import cmd_ablate as run
+
+    return run(args)
+
+
+def cmd_report(args) -> int:
+    from .experiments.cli import cmd_report as run
+
+    return run(args)
+
+
+COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench,
+            "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate, "report": cmd_report}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -221,6 +308,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
+        if hasattr(e, "exit_code"):  # a graceful stop on SIGINT/SIGTERM: not an error
+            print(f"isoconv: {e}", file=sys.stderr)
+            return e.exit_code
         if args.debug:
             raise
         print(f"isoconv: error: {e}", file=sys.stderr)

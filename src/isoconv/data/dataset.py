@@ -25,6 +25,7 @@ class ImageDataset:
     std: Tuple[float, float, float]
     name: str
     split: str
+    skipped: Tuple[str, ...] = ()  # unreadable image files left out (--skip-bad-images)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -81,6 +82,11 @@ class ImageDataset:
         if n == len(self):
             return self
         return replace(self, images=self.images[:n].contiguous(), labels=self.labels[:n].contiguous())
+
+    def select(self, indices: torch.Tensor) -> "ImageDataset":
+        """The images at `indices` (a 1-D integer tensor), in that order."""
+        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.images.device)
+        return replace(self, images=self.images[idx].contiguous(), labels=self.labels[idx.to(self.labels.device)])
 
     def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "ImageDataset":
         device = torch.device(device)

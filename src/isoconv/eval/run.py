@@ -34,7 +34,14 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
                                 **({"data_dir": data_dir} if data_dir else {})}, "eval flags").validate()
     dev = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, dev)
-    _, test = load_data(cfg, dev, train=False)
+    meta = state.get("data") or {}
+    norm = (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") and meta.get("std") else None
+    _, test = load_data(cfg, dev, train=False, norm=norm)  # normalized as in training
+    if meta.get("classes") and list(meta["classes"]) != list(test.classes):
+        raise UserError(f"{path} was trained on {len(meta['classes'])} classes ({', '.join(meta['classes'][:3])}, "
+                        f"...) but the {cfg.dataset} test data has {test.num_classes} "
+                        f"({', '.join(test.classes[:3])}, ...); pass --data-dir pointing to the data it was "
+                        f"trained on")
     model = build_model(cfg, test.num_classes, test.image_size).to(dev)
     model.load_state_dict(state["model"])
     result = evaluate(model, test, device=dev, amp_dtype=amp_dtype, channels_last=cfg.channels_last,

@@ -6,8 +6,11 @@ permutation from a dedicated generator and augments them as batched tensor ops.
 from __future__ import annotations
 
 import json
-import math
+import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,8 +29,9 @@ from ..data import load_dataset, resolve_data_root
 from ..data.loaders import DeviceLoader, TorchvisionLoader
 from ..errors import ConfigError, UserError
 from ..eval.metrics import classification_report, confusion_matrix, per_class_metrics, summary_metrics, topk_correct
+from ..experiments.tensorboard import open_tensorboard
 from ..models import count_params, create_model
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .schedule import lr_at
 
 # Settings that may differ between a run and its resumption without changing what is computed.
@@ -94,16 +98,29 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: Optional[int]) -
     return create_model(cfg.model, num_classes=num_classes, image_size=image_size, **cfg.model_overrides())
 
 
-def load_data(cfg: TrainConfig, device: torch.device, train: bool = True):
+def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm=None):
     """(train, test) datasets, test on the device; train is None when train=False.
 
     The training set moves to the device only for the device loader; the torchvision loader reads it on the CPU.
+    The test set is normalized with the training split's statistics, or with `norm` = (mean, std) (a trained
+    model's) when train=False. --test-split half keeps a fixed random half of it before --test-subset.
     """
+    from ..data import seeded_half
+
     root = resolve_data_root(cfg.data_dir)
-    test = load_dataset(cfg.dataset, root, "test", download=cfg.download).subset(cfg.test_subset).to(device)
+    opts = dict(download=cfg.download, label_type=cfg.label_type, image_size=cfg.image_size,
+                val_split=cfg.val_split, skip_bad_images=cfg.skip_bad_images)
+    train_ds = None
+    if train:
+        train_ds = load_dataset(cfg.dataset, root, "train", **opts)
+        norm = (train_ds.mean, train_ds.std)
+        train_ds = train_ds.subset(cfg.train_subset)
+    test = load_dataset(cfg.dataset, root, "test", norm=norm, **opts)
+    if cfg.test_split == "half":
+        test = seeded_half(test)
+    test = test.subset(cfg.test_subset).to(device)
     if not train:
         return None, test
-    train_ds = load_dataset(cfg.dataset, root, "train", download=cfg.download).subset(cfg.train_subset)
     return (train_ds.to(device) if cfg.loader == "device" else train_ds), test
 
 
@@ -119,8 +136,26 @@ def build_loader(cfg: TrainConfig, train, generator: torch.Generator, device: to
 
 def build_optimizer(cfg: TrainConfig, model, device: torch.device, amp_dtype):
     """AdamW on all parameters (lr is set every step by the schedule) and the fp16 grad scaler."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.wd, eps=cfg.opt_eps)
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters on a GPU
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.wd, eps=cfg.opt_eps, **fused)
     return optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+CXX_COMPILERS = ("g++", "clang++", "c++", "cl")
+
+
+def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile(model), sharing its parameters; $ISOCONV_COMPILE_BACKEND overrides the backend (the tests use
+    "eager", which skips code generation)."""
+    backend = os.environ.get("ISOCONV_COMPILE_BACKEND", "inductor")
+    if backend == "inductor" and device.type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", ""), *CXX_COMPILERS) if c):
+        raise ConfigError("--compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop "
+                          "--compile")
+    try:
+        return torch.compile(model, backend=backend)
+    except RuntimeError as e:  # platforms and Pythons this torch cannot compile on, unknown backends
+        raise ConfigError(f"--compile is not available here ({str(e).splitlines()[0]}); drop --compile") from None
 
 
 def build_mix(cfg: TrainConfig, num_classes: int) -> MixupCutmix:
@@ -182,6 +217,11 @@ class TrainingSetup:
     scaler: Any
     loader: Any
     mix: MixupCutmix
+    step_model: Optional[torch.nn.Module] = None  # what steps and evaluation call: torch.compile(model) or model
+
+    def __post_init__(self):
+        if self.step_model is None:
+            self.step_model = self.model
 
 
 def build_training(cfg: TrainConfig) -> TrainingSetup:
@@ -195,15 +235,24 @@ def build_training(cfg: TrainConfig) -> TrainingSetup:
     gen.manual_seed(cfg.seed)
     train_ds, test_ds = load_data(cfg, device)
     model = build_model(cfg, train_ds.num_classes, train_ds.image_size).to(device)
+    if cfg.pretrained:
+        from ..interop.pretrained import load_pretrained_into  # here: interop imports this module
+        load_pretrained_into(model, cfg.pretrained, log=print)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scaler = build_optimizer(cfg, model, device, amp_dtype)
     return TrainingSetup(device, amp_dtype, gen, train_ds, test_ds, model, optimizer, scaler,
-                         build_loader(cfg, train_ds, gen, device), build_mix(cfg, train_ds.num_classes))
+                         build_loader(cfg, train_ds, gen, device), build_mix(cfg, train_ds.num_classes),
+                         step_model=compile_model(model, device) if cfg.compile else model)
 
 
-def train_step(model, optimizer, scaler, mix: MixupCutmix, x, y, cfg: TrainConfig, gen, device, amp_dtype):
-    """One optimisation step on an augmented batch; returns (loss, logits), both still on the device."""
+def train_step(model, optimizer, scaler, mix: MixupCutmix, x, y, cfg: TrainConfig, gen, device, amp_dtype,
+               skip_nonfinite: bool = False):
+    """One optimisation step on an augmented batch; returns (loss, logits), both still on the device.
+
+    With skip_nonfinite, a step whose loss is not finite makes no update and returns (None, None)
+    (this costs one device sync per step, so it is off by default).
+    """
     if mix.enabled:
         x, targets = mix(x, y, gen)
     if cfg.channels_last:
@@ -215,6 +264,8 @@ def train_step(model, optimizer, scaler, mix: MixupCutmix, x, y, cfg: TrainConfi
         else:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
+    if skip_nonfinite and not torch.isfinite(loss).item():
+        return None, None
     scaler.scale(loss).backward()
     if cfg.clip_norm:
         scaler.unscale_(optimizer)
@@ -222,6 +273,44 @@ def train_step(model, optimizer, scaler, mix: MixupCutmix, x, y, cfg: TrainConfi
     scaler.step(optimizer)
     scaler.update()
     return loss.detach(), logits.detach()
+
+
+class CompileTimer:
+    """A training step for a torch.compile'd model. The first call compiles, so its extra time over the second
+    call is the compile time (`compile_seconds`; the whole first step when there is no second); a compiler
+    failure becomes a ConfigError."""
+
+    def __init__(self, step, device: torch.device):
+        self.step, self.device = step, device
+        self.times: list[float] = []
+
+    @property
+    def compile_seconds(self) -> Optional[float]:
+        if not self.times:
+            return None
+        return max(0.0, self.times[0] - (self.times[1] if len(self.times) > 1 else 0.0))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, *args, **kwargs):
+        timed = len(self.times) < 2
+        if timed:
+            self._sync()
+            t0 = time.perf_counter()
+        try:
+            out = self.step(*args, **kwargs)
+        except Exception as e:
+            if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                first_line = (str(e).strip().splitlines() or [""])[0]
+                raise ConfigError(f"torch.compile failed on this model ({type(e).__name__}: {first_line}); "
+                                  f"drop --compile") from e
+            raise
+        if timed:
+            self._sync()
+            self.times.append(time.perf_counter() - t0)
+        return out
 
 
 def data_meta(ds) -> dict[str, Any]:
@@ -254,6 +343,64 @@ HEADER = (f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {'test_lo
           f"{'test_top5':>9} {'seconds':>8} {'img/s':>8}")
 
 
+class TrainingInterrupted(UserError):
+    """SIGINT/SIGTERM arrived; the run was checkpointed and can be resumed."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While active, the first SIGINT/SIGTERM only sets a flag (the loop checkpoints and stops after the
+    current step); a second one interrupts at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for sig, handler in self._previous.items():  # a second signal acts immediately
+            signal.signal(sig, handler)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def pause_for_tests(event: str, _counts: dict = {}) -> None:
+    """Crash tests set ISOCONV_TEST_PAUSE=event[@n] to freeze the n-th occurrence of an event (e.g. `step@5`,
+    `checkpoint-write@2`) long enough to SIGKILL the process at exactly that point."""
+    spec = os.environ.get("ISOCONV_TEST_PAUSE")
+    if not spec:
+        return
+    name, _, nth = spec.partition("@")
+    if name != event:
+        return
+    _counts[event] = _counts.get(event, 0) + 1
+    if _counts[event] == int(nth or 1):
+        print(f"ISOCONV_TEST_PAUSED {spec}", flush=True)
+        time.sleep(float(os.environ.get("ISOCONV_TEST_PAUSE_SECONDS", "600")))
+
+
+def nonfinite_message(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int, run_dir: Path) -> str:
+    lr = lr_at(epoch + (step + 1) / steps_per_epoch, schedule=cfg.schedule, lr_max=cfg.lr_max, epochs=cfg.epochs,
+               warmup_epochs=cfg.warmup_epochs)
+    kept = (f"the last good checkpoint {run_dir / 'last.pt'} is kept" if (run_dir / "last.pt").exists()
+            else "no checkpoint had been written yet")
+    return (f"the loss became non-finite in epoch {epoch + 1} at step {step + 1} of {steps_per_epoch} "
+            f"(global step {epoch * steps_per_epoch + step + 1}, lr {lr:.3g}); {kept}; lower --lr-max, add "
+            f"--clip-norm 1.0, or pass --skip-nonfinite to skip such steps")
+
+
 def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
           stop_after: Optional[int] = None) -> Optional[dict[str, Any]]:
     """Train (or resume) a run and return its summary; everything is also written to the run directory.
@@ -263,101 +410,178 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
     start_state = None
     if resume is not None:
         run_dir = Path(resume)
-        start_state = load_checkpoint(run_dir / "last.pt")
+        start_state = load_latest_checkpoint(run_dir / "last.pt")
         diffs = config_differences(start_state["config"], cfg.to_dict())
         if diffs:
             raise ConfigError(f"cannot resume {run_dir} with a different config ({'; '.join(diffs)}); "
                               f"drop those flags or start a new run")
     else:
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-        if (run_dir / "last.pt").exists():
+        if (run_dir / "last.pt").exists() or (run_dir / "last.prev.pt").exists():
             raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
 
     setup = build_training(cfg)
+    created_dir = not run_dir.exists()
+    try:
+        return _train(cfg, setup, run_dir, start_state, log, stop_after)
+    except BaseException as e:
+        if resume is None and not (run_dir / "last.pt").exists():
+            remove_unfinished_run(run_dir, created_dir)
+        if type(e).__name__ == "OutOfMemoryError":
+            raise UserError(f"out of memory at batch size {cfg.batch_size}; lower --batch-size") from e
+        raise
+
+
+def remove_unfinished_run(run_dir: Path, created_dir: bool) -> None:
+    """A run that never wrote a checkpoint leaves nothing behind for later commands to misread."""
+    if created_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in ("config.yaml", "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _train(cfg, setup: TrainingSetup, run_dir: Path, start_state, log, stop_after):
     device, amp_dtype, gen = setup.device, setup.amp_dtype, setup.generator
     train_ds, test_ds, model = setup.train_ds, setup.test_ds, setup.model
     optimizer, scaler, loader, mix = setup.optimizer, setup.scaler, setup.loader, setup.mix
     params = count_params(model)
+    steps_per_epoch = len(loader)
+    step_model = setup.step_model  # the compiled model with --compile (same parameters as `model`)
+    run_step = CompileTimer(train_step, device) if cfg.compile else train_step
 
-    start_epoch, history, train_seconds = 0, [], 0.0
+    start_epoch, start_step, epoch_state, history, train_seconds = 0, 0, None, [], 0.0
     if start_state is not None:
         model.load_state_dict(start_state["model"])
         optimizer.load_state_dict(start_state["optimizer"])
         scaler.load_state_dict(start_state["scaler"])
         set_rng_state(start_state["rng"], gen)
         start_epoch = start_state["epoch"]
+        start_step = start_state.get("step", 0)
+        epoch_state = start_state.get("epoch_state")
         train_seconds = start_state["train_seconds"]
         history = read_metrics(run_dir / "metrics.jsonl")[:start_epoch]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_metrics(run_dir / "metrics.jsonl", history)
+    tb = open_tensorboard(run_dir, start_epoch=len(history), enabled=cfg.tensorboard)
 
     log(f"run {run_dir}: {cfg.model} ({params:,} params) on {device} {amp_name(amp_dtype)}, {cfg.dataset} "
-        f"{len(train_ds)} train / {len(test_ds)} test, {cfg.epochs} epochs x {len(loader)} steps of "
+        f"{len(train_ds)} train / {len(test_ds)} test, {cfg.epochs} epochs x {steps_per_epoch} steps of "
         f"{cfg.batch_size}, {cfg.loader} loader")
-    if resume is not None:
-        log(f"resuming after epoch {start_epoch}")
+    if start_state is not None:
+        log(f"resuming after epoch {start_epoch}" + (f" step {start_step}" if start_step else ""))
     log(HEADER)
     for row in history:
         log(format_row(row))
 
+    def checkpoint(epoch_done: int, step: int, state: Optional[dict], seconds: float) -> None:
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch_done, "step": step, "epoch_state": state,
+                         "rng": rng_state(gen), "train_seconds": seconds, "config": cfg.to_dict(),
+                         "params": params, "data": data_meta(test_ds)},
+                        run_dir / "last.pt", _hook=pause_for_tests if os.environ.get("ISOCONV_TEST_PAUSE") else None)
+
     result = None
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    for epoch in range(start_epoch, end_epoch):
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not sys.stderr.isatty(),
-                   unit="batch")
-        for i, (x, y) in enumerate(bar):
-            lr = lr_at(epoch + (i + 1) / len(loader), schedule=cfg.schedule, lr_max=cfg.lr_max,
-                       epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, logits = train_step(model, optimizer, scaler, mix, x, y, cfg, gen, device, amp_dtype)
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if not bar.disable and i % 10 == 0:
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{seen / max(elapsed, 1e-9):.0f}")
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_seconds = time.perf_counter() - t0
-        train_seconds += epoch_seconds
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, end_epoch):
+            model.train()
+            if epoch_state is not None:  # resuming mid-epoch: same order, same partial sums
+                order, first = epoch_state["order"], start_step
+                loss_sum = epoch_state["loss_sum"].to(device)
+                correct = epoch_state["correct"].to(device)
+                seen, skipped, seconds_before = epoch_state["seen"], epoch_state["skipped"], epoch_state["seconds"]
+            else:
+                order, first = loader.epoch_order(), 0
+                loss_sum = torch.zeros((), device=device)
+                correct = torch.zeros((), device=device, dtype=torch.long)
+                seen, skipped, seconds_before = 0, 0, 0.0
+            epoch_state, seen_at_start = None, seen
+            first_bad = torch.full((), -1, device=device, dtype=torch.long)  # checked without a sync per step
+            t0 = time.perf_counter()
 
-        last = epoch + 1 == cfg.epochs
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-               "test_loss": None, "test_top1": None, "test_top5": None,
-               "epoch_seconds": epoch_seconds, "images_per_second": seen / epoch_seconds}
-        if last or (epoch + 1) % cfg.eval_every == 0:
-            result = evaluate(model, test_ds, device=device, amp_dtype=amp_dtype, channels_last=cfg.channels_last)
-            row.update({k: result[k] for k in ("test_loss", "test_top1", "test_top5")})
-        if not math.isfinite(row["train_loss"]):
-            raise UserError(f"training diverged in epoch {epoch + 1} (loss {row['train_loss']}) at lr {lr:.3g}; "
-                            f"lower --lr-max or add --clip-norm 1.0")
-        history.append(row)
-        append_metrics(run_dir / "metrics.jsonl", row)  # before the checkpoint: resume truncates extra rows
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng_state(gen),
-                         "train_seconds": train_seconds, "config": cfg.to_dict(), "params": params,
-                         "data": data_meta(test_ds)},
-                        run_dir / "last.pt")
-        log(format_row({k: (float("nan") if v is None else v) for k, v in row.items()}))
+            def check_finite() -> None:
+                bad = int(first_bad.item())
+                if bad >= 0:
+                    raise UserError(nonfinite_message(cfg, epoch, bad, steps_per_epoch, run_dir))
 
+            def partial_state(step: int) -> dict[str, Any]:
+                return {"order": order, "loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
+                        "skipped": skipped, "seconds": seconds_before + time.perf_counter() - t0}
+
+            bar = tqdm(loader.batches(order, first), total=steps_per_epoch, initial=first,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not sys.stderr.isatty(),
+                       unit="batch")
+            for i, (x, y) in enumerate(bar, start=first):
+                lr = lr_at(epoch + (i + 1) / steps_per_epoch, schedule=cfg.schedule, lr_max=cfg.lr_max,
+                           epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss, logits = run_step(step_model, optimizer, scaler, mix, x, y, cfg, gen, device, amp_dtype,
+                                          skip_nonfinite=cfg.skip_nonfinite)
+                if loss is None:  # --skip-nonfinite: the update was skipped
+                    skipped += 1
+                else:
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
+                    loss_sum += loss * len(y)
+                    correct += (logits.argmax(1) == y).sum()
+                    seen += len(y)
+                pause_for_tests("step")
+                done = i + 1
+                if done < steps_per_epoch and (stop.signum is not None or
+                                               (cfg.ckpt_every_steps and done % cfg.ckpt_every_steps == 0)):
+                    check_finite()
+                    checkpoint(epoch, done, partial_state(done), train_seconds)
+                    if stop.signum is not None:
+                        bar.close()
+                        raise interrupted(stop.signum, run_dir, epoch, done)
+                if not bar.disable and i % 10 == 0 and seen:
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                    img_s=f"{(seen - seen_at_start) / max(elapsed, 1e-9):.0f}")
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            check_finite()
+            epoch_seconds = seconds_before + time.perf_counter() - t0
+            train_seconds += epoch_seconds
+            if seen == 0:
+                raise UserError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped); "
+                                f"lower --lr-max or add --clip-norm 1.0")
+
+            last = epoch + 1 == cfg.epochs
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / seen,
+                   "train_acc": correct.item() / seen, "test_loss": None, "test_top1": None, "test_top5": None,
+                   "epoch_seconds": epoch_seconds, "images_per_second": seen / epoch_seconds,
+                   "skipped_steps": skipped}
+            if last or (epoch + 1) % cfg.eval_every == 0:
+                result = evaluate(step_model, test_ds, device=device, amp_dtype=amp_dtype,
+                                  channels_last=cfg.channels_last)
+                row.update({k: result[k] for k in ("test_loss", "test_top1", "test_top5")})
+            history.append(row)
+            append_metrics(run_dir / "metrics.jsonl", row)  # before the checkpoint: resume truncates extra rows
+            tb.log_epoch(row)
+            checkpoint(epoch + 1, 0, None, train_seconds)
+            log(format_row({k: (float("nan") if v is None else v) for k, v in row.items()}))
+            if cfg.compile and epoch == start_epoch and run_step.compile_seconds is not None:
+                log(f"torch.compile: {run_step.compile_seconds:.1f} s (extra time of the first step, included in "
+                    f"epoch {epoch + 1}'s seconds)")
+            if stop.signum is not None:
+                raise interrupted(stop.signum, run_dir, epoch + 1, 0)
+
+    tb.close()
     if end_epoch < cfg.epochs:
         log(f"stopped after epoch {end_epoch}; continue with `isoconv train --resume {run_dir}`")
         return None
     if result is None:  # resumed a run that had already finished: evaluate the final weights
-        result = evaluate(model, test_ds, device=device, amp_dtype=amp_dtype, channels_last=cfg.channels_last)
+        result = evaluate(step_model, test_ds, device=device, amp_dtype=amp_dtype, channels_last=cfg.channels_last)
     fields, report = test_report(result, test_ds.classes)
     summary = {"run_dir": str(run_dir), "model": cfg.model, "recipe": cfg.recipe, "dataset": cfg.dataset,
                "epochs": cfg.epochs, "params": params, "train_seconds": train_seconds, "device": str(device),
-               "amp": amp_name(amp_dtype), "torch": torch.__version__, **fields}
+               "amp": amp_name(amp_dtype), "torch": torch.__version__,
+               "skipped_steps": sum(r.get("skipped_steps", 0) for r in history),
+               "compile_seconds": run_step.compile_seconds if cfg.compile else None, **fields}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "report.txt").write_text(report)
     log("")
@@ -365,6 +589,12 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
     log(f"test top-1 {summary['test_top1']:.4f}  top-5 {summary['test_top5']:.4f}  "
         f"({train_seconds / 60:.1f} min of training); written to {run_dir}")
     return summary
+
+
+def interrupted(signum: int, run_dir: Path, epoch_done: int, step: int) -> TrainingInterrupted:
+    where = f"epoch {epoch_done + 1} step {step}" if step else f"the end of epoch {epoch_done}"
+    return TrainingInterrupted(f"stopped by {signal.Signals(signum).name} at {where}; the checkpoint is saved — "
+                               f"continue with `isoconv train --resume {run_dir}`", signum)
 
 
 # ----------------------------------------------------------------------------- metrics file

@@ -1,0 +1,60 @@
+"""`load_dataset`: one entry point for every dataset by name."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Union
+
+from ..errors import ConfigError, UserError
+from .cifar import load_cifar10
+from .cifar100 import load_cifar100
+from .dataset import ImageDataset
+from .folder import load_folder
+from .splits import Stats
+from .tinyimagenet import load_tiny_imagenet
+
+DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "folder")
+SPLITS = ("train", "test")
+
+
+def canonical_name(name: str) -> str:
+    """The dataset's canonical name ("Tiny_ImageNet" -> "tiny-imagenet"); unknown names are an error."""
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    for known in DATASETS:
+        if known.replace("-", "") == key:
+            return known
+    raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+def load_dataset(name: str, root: Union[str, Path], split: str, download: bool = True, *,
+                 label_type: str = "fine", image_size: Optional[int] = None, val_split: Optional[float] = None,
+                 skip_bad_images: bool = False, norm: Optional[Stats] = None) -> ImageDataset:
+    """Load split "train" or "test" of a dataset as uint8 tensors in memory.
+
+    root: the folder holding cifar-10-batches-py / cifar-100-python / tiny-imagenet-200, or for "folder" the
+    folder holding train/ (and val/). label_type: CIFAR-100 fine or coarse labels. image_size: resize once
+    while loading. val_split: "folder" without val/ holds out this fraction of train/. norm: (mean, std) to
+    use instead of the dataset's own statistics (a trained model's).
+    """
+    dataset = canonical_name(name)
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r} for dataset {name!r}; choose one of: {', '.join(SPLITS)}")
+    if label_type != "fine" and dataset != "cifar100":
+        raise ConfigError(f"--label-type {label_type} applies only to --dataset cifar100, not {dataset}")
+    if val_split is not None and dataset != "folder":
+        raise ConfigError(f"--val-split applies only to --dataset folder ({dataset} has its own test split)")
+    if image_size is not None and image_size < 1:
+        raise ConfigError(f"--image-size must be positive, got {image_size}")
+    if dataset == "cifar10":
+        ds = load_cifar10(root, train=split == "train", download=download, image_size=image_size)
+        if norm is not None:
+            ds = replace(ds, mean=tuple(norm[0]), std=tuple(norm[1]))
+        return ds
+    if dataset == "cifar100":
+        return load_cifar100(root, train=split == "train", download=download, label_type=label_type,
+                             image_size=image_size, norm=norm)
+    if dataset == "tiny-imagenet":
+        return load_tiny_imagenet(root, split, download=download, image_size=image_size,
+                                  skip_bad_images=skip_bad_images, norm=norm)
+    return load_folder(root, split, image_size=image_size, val_split=val_split, skip_bad_images=skip_bad_images,
+                       norm=norm)

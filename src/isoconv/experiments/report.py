@@ -1,0 +1,160 @@
+"""`isoconv report RUN_OR_SWEEP_DIR`: (re)generate the plots and a report.md that embeds them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+from urllib.parse import quote
+
+import yaml
+
+from ..errors import UserError
+from . import plots
+from .results import (MANIFEST, VariantResult, atomic_write, human_seconds, load_manifest, mean_std, pct,
+                      results_markdown, write_results)
+
+PLOTS = "plots"
+
+
+def write_report(target: Path, command: Optional[str] = None) -> Path:
+    """Report for a sweep directory (has sweep.json) or a run directory (has metrics.jsonl); returns report.md."""
+    target = Path(target)
+    if (target / MANIFEST).is_file():
+        return write_sweep_report(target, regenerated_by=command)
+    if (target / "metrics.jsonl").is_file():
+        return write_run_report(target)
+    if not target.exists():
+        raise UserError(f"{target} does not exist; pass a run folder (from `isoconv train`) or a sweep folder "
+                        f"(from `isoconv ablate`)")
+    raise UserError(f"{target} is neither a run folder (no metrics.jsonl) nor a sweep folder (no {MANIFEST}); "
+                    f"pass the folder `isoconv train --out` or `isoconv ablate --out` wrote")
+
+
+def image(path: Path, base: Path, alt: str) -> str:
+    return f"![{alt}]({quote(path.relative_to(base).as_posix())})"
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- one run
+
+def run_figures(run_dir: Path, out_dir: Path, name: str, summary: Optional[dict], config: dict,
+                rows: list[dict]) -> dict[str, Path]:
+    """Curves, LR schedule and (when finished) confusion matrix and per-class F1 of one run: {kind: png path}."""
+    figs = {"curves": plots.training_curves([(name, rows)], out_dir / f"{name}-curves", f"{name}: training curves")[0],
+            "lr": plots.lr_schedules([(name, config)], out_dir / f"{name}-lr_schedule")[0]}
+    if summary and summary.get("confusion_matrix"):
+        top1 = f"top-1 {100 * summary['test_top1']:.2f}%"
+        figs["confusion"] = plots.confusion_heatmap(summary, out_dir / f"{name}-confusion",
+                                                    f"{name}: confusion matrix ({top1})")[0]
+        figs["f1"] = plots.per_class_f1(summary, out_dir / f"{name}-per_class_f1", f"{name}: per-class F1")[0]
+    return figs
+
+
+def write_run_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    rows = read_rows(run_dir)
+    summary = read_json(run_dir / "summary.json")
+    figs = run_figures(run_dir, run_dir / PLOTS, "run", summary, config, rows)
+    lines = [f"# Run `{run_dir}`", "", "Settings: [config.yaml](config.yaml) (every resolved setting). Reproduce with "
+             f"`isoconv train --recipe {run_dir / 'config.yaml'} --out NEW_DIR`"
+             + ("; resume an unfinished run with `isoconv train --resume " + str(run_dir) + "`." if not summary else "."),
+             ""]
+    sweep = run_dir.parent.parent
+    if (sweep / MANIFEST).is_file():
+        commands = load_manifest(sweep).get("commands", [])
+        lines += ["Part of the sweep in `" + str(sweep) + "`, produced by:", "", "```bash", *commands, "```", ""]
+    if summary:
+        lines += ["| test top-1 | test top-5 | macro F1 | params | train time | device | torch | test images |",
+                  "|---:|---:|---:|---:|---:|---|---|---:|",
+                  f"| {pct(summary['test_top1'])}% | {pct(summary['test_top5'])}% | "
+                  f"{summary.get('macro_f1', float('nan')):.4f} | {summary.get('params', 0):,} | "
+                  f"{human_seconds(summary.get('train_seconds'))} | {summary.get('device')} ({summary.get('amp')}) | "
+                  f"{summary.get('torch')} | {summary.get('test_images', 0):,} ({config.get('test_split', 'full')} "
+                  f"split) |", ""]
+    else:
+        lines += [f"Not finished: {len(rows)} of {config.get('epochs', '?')} epochs logged.", ""]
+    lines += metrics_table(rows) + ["", "## Training curves", "", image(figs["curves"], run_dir, "training curves"),
+                                    "", "## Learning-rate schedule", "", image(figs["lr"], run_dir, "lr schedule")]
+    if "confusion" in figs:
+        lines += ["", "## Confusion matrix", "", image(figs["confusion"], run_dir, "confusion matrix"),
+                  "", "## Per-class F1", "", image(figs["f1"], run_dir, "per-class F1")]
+    path = run_dir / "report.md"
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+def metrics_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+
+    def f(v, fmt):
+        return "—" if v is None else format(v, fmt)
+    out = ["| epoch | lr | train loss | train acc | test loss | test top-1 | test top-5 | seconds |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['epoch']} | {f(r.get('lr'), '.2e')} | {f(r.get('train_loss'), '.4f')} | "
+                   f"{f(r.get('train_acc'), '.4f')} | {f(r.get('test_loss'), '.4f')} | {f(r.get('test_top1'), '.4f')} | "
+                   f"{f(r.get('test_top5'), '.4f')} | {f(r.get('epoch_seconds'), '.1f')} |")
+    return out
+
+
+# ----------------------------------------------------------------------------- a sweep
+
+def scatter_points(variants: list[VariantResult]) -> list[dict]:
+    points = []
+    for v in variants:
+        top1, std = mean_std(v.values("test_top1"))
+        points.append({"name": v.name, "params": v.params, "relative_time": v.relative_time, "top1": top1,
+                       "top1_std": std})
+    return points
+
+
+def write_sweep_report(sweep_dir: Path, manifest: Optional[dict] = None, regenerated_by: Optional[str] = None) -> Path:
+    sweep_dir = Path(sweep_dir)
+    manifest = dict(manifest or load_manifest(sweep_dir))
+    if regenerated_by:
+        manifest["regenerated_by"] = regenerated_by
+    variants = write_results(sweep_dir, manifest)
+    out = sweep_dir / PLOTS
+    points = scatter_points(variants)
+    figs = {
+        "params": plots.accuracy_scatter(points, "params", "parameters", out / "accuracy_vs_params",
+                                         f"{manifest['spec']}: accuracy vs parameters")[0],
+        "time": plots.accuracy_scatter(points, "relative_time", f"training time relative to {manifest['baseline']}",
+                                       out / "accuracy_vs_relative_time",
+                                       f"{manifest['spec']}: accuracy vs relative training time", log_x=False)[0],
+        "lr": plots.lr_schedules([(v.name, v.config) for v in variants], out / "lr_schedule")[0],
+        "curves": plots.training_curves([(v.name, read_rows(r.run_dir)) for v in variants for r in v.runs
+                                         if r.state != "pending"], out / "curves",
+                                        f"{manifest['spec']}: training curves (all runs)")[0],
+    }
+    lines = [results_markdown(manifest, variants).rstrip(), "",
+             "## Accuracy vs parameters", "", image(figs["params"], sweep_dir, "accuracy vs parameters"), "",
+             "## Accuracy vs relative training time", "", image(figs["time"], sweep_dir, "accuracy vs time"), "",
+             "## Learning-rate schedule", "", image(figs["lr"], sweep_dir, "learning-rate schedule"), "",
+             "## Training curves", "", "One colour per variant; every seed is drawn.", "",
+             image(figs["curves"], sweep_dir, "training curves"), ""]
+    for v in variants:
+        if not v.done:
+            continue
+        run = v.done[0]
+        name = v.dir
+        top1 = f"seed {run.seed}, top-1 {100 * run.summary['test_top1']:.2f}%"
+        cm = plots.confusion_heatmap(run.summary, out / f"{name}-confusion", f"{v.name}: confusion ({top1})")[0]
+        f1 = plots.per_class_f1(run.summary, out / f"{name}-per_class_f1", f"{v.name}: per-class F1 ({top1})")[0]
+        lines += [f"## {v.name} (seed {run.seed})", "", image(cm, sweep_dir, f"{v.name} confusion matrix"), "",
+                  image(f1, sweep_dir, f"{v.name} per-class F1"), ""]
+    path = sweep_dir / "report.md"
+    atomic_write(path, "\n".join(lines).rstrip() + "\n")
+    return path

@@ -1,0 +1,197 @@
+"""`isoconv.load(path)`: a ready model in eval mode plus its preprocessing, from any file isoconv writes.
+
+Accepted: a run directory (its last.pt), an isoconv checkpoint, and the exports of `isoconv export` —
+`.safetensors`, `.onnx` (run with onnxruntime, wrapped as an nn.Module) and TorchScript. The format is
+recognised from the content where the suffix is ambiguous (TorchScript files are often named .pt too).
+"""
+from __future__ import annotations
+
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, NamedTuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..train.checkpoint import load_checkpoint
+from .meta import META_KEY, ModelMeta
+from .preprocess import Preprocess
+
+TORCHSCRIPT_META_FILE = "isoconv.json"
+INSTALL_HINT = "pip install 'isoconv[export]'"
+
+
+class LoadedModel(NamedTuple):
+    """`model, preprocess = isoconv.load(path)`; `preprocess.classes` names the outputs."""
+
+    model: nn.Module
+    preprocess: Preprocess
+
+
+def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedModel:
+    """Load a run directory, checkpoint, .safetensors, .onnx or TorchScript file for inference.
+
+    The model is in eval mode on `device` and returns logits for a float32 (B, 3, S, S) batch;
+    `preprocess(images)` makes that batch from file paths, PIL images or uint8 tensors.
+    """
+    model, meta = read_model(Path(path), resolve_device(device))
+    return LoadedModel(model, preprocess_for(meta))
+
+
+def preprocess_for(meta: ModelMeta) -> Preprocess:
+    return Preprocess(image_size=meta.image_size, mean=tuple(meta.data["mean"]), std=tuple(meta.data["std"]),
+                      classes=tuple(meta.classes))
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    from ..train.loop import resolve_device as resolve
+
+    return device if isinstance(device, torch.device) else resolve(device)
+
+
+def model_format(path: Path) -> str:
+    """One of run, checkpoint, safetensors, onnx, torchscript."""
+    if path.is_dir():
+        if not (path / "last.pt").is_file():
+            raise UserError(f"{path} is a folder without last.pt; pass a run directory, a checkpoint or an exported "
+                            f"model file")
+        return "run"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a run directory, a checkpoint, or a .safetensors, .onnx or "
+                        f"TorchScript file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix == ".onnx":
+        return "onnx"
+    return "torchscript" if is_torchscript_file(path) else "checkpoint"
+
+
+def is_torchscript_file(path: Path) -> bool:
+    """TorchScript archives hold compiled code and constants; torch.save archives hold only data."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
+    """The model (eval mode, on device) and its metadata."""
+    fmt = model_format(path)
+    if fmt == "onnx":
+        model = OnnxModel(path, device)
+        return model, model.meta
+    if fmt == "torchscript":
+        return read_torchscript(path, device)
+    if fmt == "safetensors":
+        state, meta = read_safetensors(path)
+        if meta is None:
+            raise UserError(f"{path} holds weights without isoconv metadata (config, classes, image size); "
+                            f"export it with `isoconv export`, or start training from it with --pretrained")
+    else:
+        ckpt_path = path / "last.pt" if fmt == "run" else path
+        ckpt = load_checkpoint(ckpt_path)
+        state, meta = ckpt["model"], ModelMeta.from_checkpoint(ckpt, str(ckpt_path))
+    return build_with_weights(meta, state, str(path)).to(device).eval(), meta
+
+
+def build_with_weights(meta: ModelMeta, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    model = meta.build_model(source)
+    state = strip_wrapper_prefixes(state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UserError(f"the weights in {source} do not match its stored config ({detail[:200]}); the file was "
+                        f"altered or written by another tool") from None
+    return model
+
+
+def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop the prefixes DataParallel (module.) and torch.compile (_orig_mod.) put on every key."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """(tensors, ModelMeta or None when the file has no isoconv metadata)."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise UserError(f"reading {path} needs the safetensors package: {INSTALL_HINT}") from None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise UserError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:160]}); the file is "
+                        f"truncated or not a safetensors file") from None
+    meta = ModelMeta.from_json(metadata[META_KEY], str(path)) if META_KEY in metadata else None
+    return tensors, meta
+
+
+def read_torchscript(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
+    extra = {TORCHSCRIPT_META_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated from torch 2.9 on
+            model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except RuntimeError as e:
+        raise UserError(f"cannot load TorchScript file {path} ({str(e).strip().splitlines()[0][:160]})") from None
+    text = extra[TORCHSCRIPT_META_FILE]
+    if not text:
+        raise UserError(f"TorchScript file {path} has no isoconv metadata ({TORCHSCRIPT_META_FILE}); export it "
+                        f"with `isoconv export --format torchscript`")
+    text = text.decode() if isinstance(text, bytes) else text
+    return model.eval(), ModelMeta.from_json(text, str(path))
+
+
+def import_onnxruntime(purpose: str):
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"{purpose} needs onnxruntime: {INSTALL_HINT}") from None
+    return onnxruntime
+
+
+class OnnxModel(nn.Module):
+    """An ONNX file run by onnxruntime, callable like the PyTorch model (float32 NCHW in, logits out).
+
+    A file exported with a fixed batch size is fed in chunks of that size (the last one zero-padded).
+    """
+
+    def __init__(self, path: Path, device: torch.device = torch.device("cpu")) -> None:
+        super().__init__()
+        ort = import_onnxruntime(f"running {path}")
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for invalid files
+            raise UserError(f"cannot load ONNX model {path} ({str(e).strip().splitlines()[0][:160]})") from None
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if META_KEY not in metadata:
+            raise UserError(f"ONNX file {path} has no isoconv metadata; export it with `isoconv export --format onnx`")
+        self.meta = ModelMeta.from_json(metadata[META_KEY], str(path))
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        self.fixed_batch = first.shape[0] if isinstance(first.shape[0], int) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.detach().to("cpu", torch.float32).contiguous()
+        step = self.fixed_batch or len(batch)
+        outs = []
+        for s in range(0, len(batch), step):
+            chunk = batch[s:s + step]
+            n = len(chunk)
+            if n < step:
+                chunk = torch.cat([chunk, chunk.new_zeros((step - n, *chunk.shape[1:]))])
+            outs.append(torch.from_numpy(self.session.run(None, {self.input_name: chunk.numpy()})[0][:n]))
+        return torch.cat(outs).to(x.device)

@@ -1,0 +1,215 @@
+"""Crash safety with real processes: SIGKILL at chosen moments, graceful SIGINT/SIGTERM, corrupt and
+unwritable checkpoints, non-finite losses. Every resumed run must end bit-identical to an uninterrupted one."""
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from isoconv.config import build_config
+from isoconv.errors import UserError
+from isoconv.train import checkpoint as ckpt
+from isoconv.train.checkpoint import CorruptCheckpointError, load_checkpoint, load_latest_checkpoint, previous_path
+from isoconv.train.loop import train
+
+# 4 steps per epoch, 2 epochs: small enough that each process lives a few seconds.
+FLAGS = ["--model", "cm-cpu", "--dim", "16", "--depth", "1", "--train-subset", "256", "--test-subset", "64",
+         "--batch-size", "64", "--epochs", "2", "--amp", "off", "--lr-max", "0.01", "--ra-n", "1", "--reprob", "0.25",
+         "--jitter", "0.1"]
+
+
+def isoconv(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "isoconv", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def run_to_end(*args):
+    p = isoconv(*args)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    return out, err
+
+
+def run_until_paused(args, pause: str, *, then=signal.SIGKILL, seconds: str = "600"):
+    """Start a run that freezes at the `pause` event, send it `then`, return (returncode, stderr)."""
+    p = isoconv(*args, env={"ISOCONV_TEST_PAUSE": pause, "ISOCONV_TEST_PAUSE_SECONDS": seconds})
+    for line in p.stdout:
+        if line.startswith("ISOCONV_TEST_PAUSED"):
+            break
+    else:
+        raise AssertionError(f"run ended before pausing at {pause}: {p.stderr.read()[-2000:]}")
+    p.send_signal(then)
+    _, err = p.communicate(timeout=300)
+    return p.returncode, err
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_second")} for r in rows]
+
+
+def assert_same_run(run, reference):
+    assert metrics(run) == metrics(reference)
+    a, b = load_checkpoint(run / "last.pt"), load_checkpoint(reference / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert json.loads((run / "summary.json").read_text())["test_top1"] == \
+        json.loads((reference / "summary.json").read_text())["test_top1"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("crash") / "reference"
+    run_to_end("train", *FLAGS, "--data-dir", str(data_root), "--out", str(out))
+    return out
+
+
+@pytest.mark.parametrize("pause, extra", [
+    ("step@6", []),                                   # mid-epoch 2, resumes from the epoch-1 checkpoint
+    ("step@7", ["--ckpt-every-steps", "2"]),          # mid-epoch 2, resumes from the step-2 checkpoint
+    ("checkpoint-write@3", ["--ckpt-every-steps", "2"]),  # while a mid-epoch checkpoint is half written
+])
+def test_sigkill_then_resume_is_bit_identical(reference, data_root, tmp_path, pause, extra):
+    run = tmp_path / "run"
+    code, _ = run_until_paused(["train", *FLAGS, *extra, "--data-dir", str(data_root), "--out", str(run)], pause)
+    assert code == -signal.SIGKILL
+    assert not (run / "summary.json").exists()
+    before = load_checkpoint(run / "last.pt")
+    assert before["epoch"] * 4 + before["step"] < 8  # it really stopped before the end
+    _, err = run_to_end("train", "--resume", str(run))
+    assert_same_run(run, reference)
+    assert not list(run.glob(".*.tmp"))  # the half-written temporary file is gone after the next save
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_checkpoints_mid_epoch_and_says_how_to_resume(reference, data_root, tmp_path, sig):
+    """SIGINT is checked up to the checkpoint; SIGTERM also through an exact resume (each process costs seconds)."""
+    run = tmp_path / "run"
+    code, err = run_until_paused(["train", *FLAGS, "--data-dir", str(data_root), "--out", str(run)], "step@6",
+                                 then=sig, seconds="2")
+    assert code == 128 + sig
+    assert f"stopped by {sig.name} at epoch 2 step 2" in err
+    assert f"isoconv train --resume {run}" in err
+    assert "Traceback" not in err
+    state = load_checkpoint(run / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 2)
+    if sig == signal.SIGTERM:
+        run_to_end("train", "--resume", str(run))
+        assert_same_run(run, reference)
+
+
+def test_corrupt_last_checkpoint_falls_back_to_previous(reference, data_root, tmp_path):
+    run = tmp_path / "run"
+    code, _ = run_until_paused(["train", *FLAGS, "--ckpt-every-steps", "2", "--data-dir", str(data_root),
+                                "--out", str(run)], "step@7")
+    assert code == -signal.SIGKILL
+    last = run / "last.pt"
+    assert (load_checkpoint(last)["step"], load_checkpoint(previous_path(last))["epoch"]) == (2, 1)
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the payload
+    last.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+        load_checkpoint(last)
+    _, err = run_to_end("train", "--resume", str(run))
+    assert "falling back to the previous checkpoint" in err and "last.prev.pt (epoch 1)" in err
+    assert_same_run(run, reference)
+
+
+def test_truncated_checkpoint_is_detected(tmp_path):
+    path = tmp_path / "last.pt"
+    ckpt.save_checkpoint({"model": {"w": torch.arange(1000.0)}, "config": {}, "epoch": 1}, path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CorruptCheckpointError, match=r"truncated \(\d+ of \d+ bytes\)"):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match="no previous checkpoint last.prev.pt to fall back to"):
+        load_latest_checkpoint(path)
+
+
+def test_previous_checkpoint_is_kept_and_last_always_exists(tmp_path):
+    path = tmp_path / "last.pt"
+    for epoch in (1, 2, 3):
+        ckpt.save_checkpoint({"model": {}, "config": {}, "epoch": epoch}, path)
+    assert load_checkpoint(path)["epoch"] == 3
+    assert load_checkpoint(previous_path(path))["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.prev.pt", "last.pt"]
+
+
+def tiny(data_root, tmp_path, **kw):
+    base = dict(model="cm-cpu", dim=16, depth=1, train_subset=256, test_subset=64, batch_size=64, epochs=2,
+                amp="off", data_dir=str(data_root), out=str(tmp_path / "run"))
+    return build_config(None, **{**base, **kw})
+
+
+def test_full_disk_keeps_last_good_checkpoint_and_stops_clearly(data_root, tmp_path, monkeypatch):
+    real_write, calls = ckpt._write_file, []
+
+    def write_until_full(path, data):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint (end of epoch 2) hits a full disk half-way
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_file", write_until_full)
+    with pytest.raises(UserError, match=r"no space left on the device writing checkpoint .*last.pt .*the previous "
+                                        r"checkpoint .* is intact; free some space, then resume with"):
+        train(tiny(data_root, tmp_path), log=lambda *_: None)
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl"]
+
+
+def test_nonfinite_loss_stops_with_step_and_lr_and_keeps_checkpoint(data_root, tmp_path, monkeypatch):
+    import isoconv.train.loop as loop
+
+    real_ce, calls = loop.F.cross_entropy, []
+
+    def poisoned(*a, **k):  # the 6th training step (epoch 2, step 2) produces NaN
+        if "label_smoothing" not in k:  # evaluation
+            return real_ce(*a, **k)
+        calls.append(1)
+        out = real_ce(*a, **k)
+        return out * float("nan") if len(calls) == 6 else out
+
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    with pytest.raises(UserError, match=r"non-finite in epoch 2 at step 2 of 4 \(global step 6, lr [0-9.e-]+\); "
+                                        r"the last good checkpoint .*last.pt is kept"):
+        train(tiny(data_root, tmp_path), log=lambda *_: None)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_skip_nonfinite_counts_skipped_steps(data_root, tmp_path, monkeypatch):
+    import isoconv.train.loop as loop
+
+    real_ce, calls = loop.F.cross_entropy, []
+
+    def poisoned(*a, **k):
+        if "label_smoothing" not in k:  # evaluation
+            return real_ce(*a, **k)
+        calls.append(1)
+        out = real_ce(*a, **k)
+        return out * float("inf") if len(calls) in (2, 3) else out
+
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    summary = train(tiny(data_root, tmp_path, skip_nonfinite=True, epochs=1, test_subset=64 * 2),
+                    log=lambda *_: None)
+    rows = metrics(tmp_path / "run")
+    assert rows[0]["skipped_steps"] == 2 and summary["skipped_steps"] == 2
+    assert math.isfinite(rows[0]["train_loss"]) and rows[0]["train_loss"] < 10
+
+
+def test_run_that_fails_before_its_first_checkpoint_leaves_nothing(data_root, tmp_path, monkeypatch):
+    import isoconv.train.loop as loop
+
+    monkeypatch.setattr(loop.F, "cross_entropy", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(UserError, match="non-finite in epoch 1"):
+        train(tiny(data_root, tmp_path), log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
