@@ -33,10 +33,15 @@ def lossless_subset() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_imagenet_root() -> Path:
+def tiny_imagenet_root(tmp_path_factory):
     """Folder holding the real tiny-imagenet-200 sample (official layout, 200 classes x 30 train, 2,000 val images,
-    re-saved at 32x32). Shared and read-only: tests that change it or cache next to it work on a copy."""
-    return _require(SHARED_DATA / "tiny-imagenet-200-subset32" / "tiny-imagenet-200").parent
+    re-saved at 32x32). Shared and read-only: tests that change it or cache next to it work on a copy, and while
+    this fixture is active decoded-image caches go to a temporary $ISOCONV_CACHE instead of next to the data."""
+    root = _require(SHARED_DATA / "tiny-imagenet-200-subset32" / "tiny-imagenet-200").parent
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get("ISOCONV_CACHE"):
+            mp.setenv("ISOCONV_CACHE", str(tmp_path_factory.mktemp("isoconv-cache")))
+        yield root
 
 
 CIFAR100_TRAIN, CIFAR100_TEST = 600, 200

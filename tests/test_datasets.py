@@ -1,7 +1,6 @@
 """Datasets beyond CIFAR-10: CIFAR-100, Tiny ImageNet (real sample), ImageFolder trees, the decode cache,
 normalization statistics, the fixed test half, and a short train + eval run on Tiny ImageNet."""
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -32,15 +31,8 @@ from conftest import CIFAR100_TEST, CIFAR100_TRAIN, py2_pickle
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="session")
-def session_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("isoconv-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_outside_shared_data(monkeypatch, session_cache):
-    """Caches of the shared (read-only) samples go to a temporary folder; tests of the in-folder cache unset this."""
-    monkeypatch.setenv("ISOCONV_CACHE", str(session_cache))
+# The tiny_imagenet_root fixture points $ISOCONV_CACHE at a temporary folder, so nothing is ever cached next to the
+# shared sample; tests of the in-folder cache unset it and work on a copy.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,10 +199,14 @@ def test_tiny_imagenet_sample_loads(tiny_imagenet_root, tin_train, tin_test):
     assert torch.bincount(tin_train.labels, minlength=200).tolist() == [30] * 200
     assert tin_test.labels.tolist() == [wnids.index(w) for _, w in rows]
     assert tin_train.images.shape == (6000, 3, 32, 32) and tin_test.name == "tiny-imagenet"
-    # pixels are the files' own, in sorted class and file order
+    # pixels are the files' own; train is interleaved round-robin over classes (sorted file order within a
+    # class), so the first N images of a subset cover every class
     folder = tiny_imagenet_root / "tiny-imagenet-200"
-    first_files = sorted(os.listdir(folder / "train" / wnids[1] / "images"))
-    assert torch.equal(tin_train.images[30], decode_image(folder / "train" / wnids[1] / "images" / first_files[0]))
+    files = sorted(os.listdir(folder / "train" / wnids[1] / "images"))
+    assert torch.equal(tin_train.images[1], decode_image(folder / "train" / wnids[1] / "images" / files[0]))
+    assert torch.equal(tin_train.images[201], decode_image(folder / "train" / wnids[1] / "images" / files[1]))
+    assert tin_train.labels[:400].tolist() == list(range(200)) * 2
+    assert torch.bincount(tin_train.subset(1000).labels, minlength=200).tolist() == [5] * 200
     assert torch.equal(tin_test.images[1999], decode_image(folder / "val" / "images" / rows[1999][0]))
 
 
@@ -248,7 +244,8 @@ def test_stale_cache_is_rebuilt_when_files_change(tiny_imagenet_root, tmp_path, 
     err = capsys.readouterr().err
     assert "is stale" in err and "decoding 121 images" in err
     assert len(added) == len(before) + 1 and torch.bincount(added.labels).tolist() == [30, 30, 31, 30]
-    assert torch.equal(added.images[90], decode_image(images / "zz_added.JPEG"))
+    # classes are interleaved round-robin, so the one 31st image comes after 30 rounds of 4 classes
+    assert torch.equal(added.images[120], decode_image(images / "zz_added.JPEG"))
     new = cache_files(folder, "*train*.pt")
     assert len(new) == 1 and new != old  # the stale file is gone
     (images / "zz_added.JPEG").unlink()
@@ -316,9 +313,12 @@ def test_tiny_imagenet_grayscale_becomes_rgb_and_errors(tiny_imagenet_root, tmp_
         f.unlink()
     with pytest.raises(UserError, match=rf"class folder .*{wnids[1]}/images has no images"):
         load_dataset("tiny-imagenet", root, "train", download=False)
-    # a missing split
+    # missing splits: train/ (the test split needs its statistics) and val/ (checked before train/ is decoded)
     shutil.rmtree(folder / "train")
     with pytest.raises(UserError, match=r"Tiny ImageNet at .* is incomplete: the train/ split is missing"):
+        load_dataset("tiny-imagenet", root, "test", download=False)
+    shutil.rmtree(folder / "val")
+    with pytest.raises(UserError, match=r"is incomplete: the val/ split \(val/val_annotations.txt\) is missing"):
         load_dataset("tiny-imagenet", root, "train", download=False)
 
 
@@ -381,14 +381,21 @@ def make_tree(tin_root: Path, dst: Path, *, val: bool = True, per_class: int = 6
     return files
 
 
+def interleaved(paths):
+    """Files in the order the folder loader keeps them: the 1st file of every class, then the 2nd, ..."""
+    ordered = sorted(paths, key=lambda p: (p.parent.name, p.name))
+    rank = {p: sum(q.parent.name == p.parent.name for q in ordered[:i]) for i, p in enumerate(ordered)}
+    return sorted(ordered, key=lambda p: (rank[p], p.parent.name))
+
+
 def test_folder_with_val_formats_and_grayscale(tiny_imagenet_root, tmp_path):
     files = make_tree(tiny_imagenet_root, tmp_path)
     train = load_dataset("folder", tmp_path, "train")
     test = load_dataset("folder", tmp_path, "test")
     assert train.classes == ["apple", "bee", "cat"] == test.classes  # sorted folder names
     assert (len(train), len(test)) == (18, 6) and train.name == "folder"
-    assert train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
-    expected = sorted(files["train"], key=lambda p: (p.parent.name, p.name))
+    assert train.labels.tolist() == [0, 1, 2] * 6  # interleaved round-robin over classes
+    expected = interleaved(files["train"])
     for i, path in enumerate(expected):
         assert torch.equal(train.images[i], decode_image(path)), path
     gray = [i for i, p in enumerate(expected) if Image.open(p).mode == "L"]
@@ -398,18 +405,28 @@ def test_folder_with_val_formats_and_grayscale(tiny_imagenet_root, tmp_path):
 
 
 def test_folder_val_split_is_fixed(tiny_imagenet_root, tmp_path):
-    make_tree(tiny_imagenet_root, tmp_path, val=False)
-    with pytest.raises(UserError, match=r"has no val/ folder .*--val-split 0\.1"):
-        load_dataset("folder", tmp_path, "test")
-    full = load_dataset("folder", tmp_path, "train")
+    files = make_tree(tiny_imagenet_root, tmp_path, val=False)
+    for split in ("test", "train"):  # a missing test split fails before anything is decoded
+        with pytest.raises(UserError, match=r"has no val/ folder .*--val-split 0\.1"):
+            load_dataset("folder", tmp_path, split)
+    assert not (tmp_path / ".isoconv-cache").exists()
+    order = sorted(files["train"], key=lambda p: (p.parent.name, p.name))  # the hold-out is drawn in this order
+
+    def images_labels(indices):  # each part is then interleaved over classes
+        paths = interleaved([order[i] for i in indices.tolist()])
+        return (torch.stack([decode_image(p) for p in paths]),
+                torch.tensor([["apple", "bee", "cat"].index(p.parent.name) for p in paths]))
+
     a = load_dataset("folder", tmp_path, "test", val_split=0.25)
     b = load_dataset("folder", tmp_path, "test", val_split=0.25)
     rest = load_dataset("folder", tmp_path, "train", val_split=0.25)
     kept, held = holdout_indices(18, 0.25)
     assert (len(a), len(rest)) == (4, 14) and sorted(kept.tolist() + held.tolist()) == list(range(18))
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    assert torch.equal(a.images, full.images[held]) and torch.equal(rest.labels, full.labels[kept])
-    assert (a.mean, a.std) == (rest.mean, rest.std) == channel_stats(full.images[kept])
+    (held_images, held_labels), (kept_images, kept_labels) = images_labels(held), images_labels(kept)
+    assert torch.equal(a.images, held_images) and torch.equal(a.labels, held_labels)
+    assert torch.equal(rest.images, kept_images) and torch.equal(rest.labels, kept_labels)
+    assert (a.mean, a.std) == (rest.mean, rest.std) == channel_stats(kept_images)
     (tmp_path / "val" / "cat").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"has a val/ folder, so --val-split 0\.25"):
         load_dataset("folder", tmp_path, "test", val_split=0.25)

@@ -63,12 +63,14 @@ def default_matmul_size(device: torch.device) -> int:
 
 def matmul_gflops(device: torch.device, amp: str, size: Optional[int] = None, repeats: int = 3) -> float:
     """GFLOP/s of one `size` x `size` matmul in the precision `amp` (fp32, bf16 or fp16): median of `repeats`
-    timed calls after one untimed. fp32 on a GPU uses whatever torch.backends allow (TF32 is off by default)."""
+    timed calls after one untimed (only one when a call takes over half a second, as bf16 on CPUs without bf16
+    instructions does). fp32 on a GPU uses whatever torch.backends allow (TF32 is off by default)."""
     size = size or default_matmul_size(device)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, generator=gen).to(AMP_DTYPES[amp])
     b = torch.randn(size, size, device=device, generator=gen).to(AMP_DTYPES[amp])
-    a @ b
+    if timed(lambda: a @ b, device) > 0.5:
+        repeats = 1
     seconds = median_seconds(lambda: a @ b, repeats, device)
     return 2 * size ** 3 / seconds / 1e9
 
@@ -108,27 +110,25 @@ class Batches:
             return next(self.it)
 
 
-def bench_one(cfg: TrainConfig, *, steps: int, warmup: int, windows: int, full_epoch: bool = False) -> dict[str, Any]:
-    """One row: training and inference images/s for cfg (model, loader, amp, batch size) and what follows."""
-    setup = build_training(cfg)
-    device, amp_dtype, gen, model = setup.device, setup.amp_dtype, setup.generator, setup.step_model
-    optimizer, scaler, loader, mix = setup.optimizer, setup.scaler, setup.loader, setup.mix
-    image_size = setup.train_ds.image_size
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr_max / 10
-    step = CompileTimer(train_step, device) if cfg.compile else train_step
-    batches = Batches(loader)
+def training_rate(setup, cfg: TrainConfig, step, *, steps: int, warmup: int, windows: int) -> float:
+    """Training images/s: the median of `windows` windows of `steps` real steps, after `warmup` untimed ones."""
+    model, batches = setup.step_model, Batches(setup.loader)
 
     def train_steps(n: int) -> None:
         model.train()
         for _ in range(n):
             x, y = batches.next()
-            step(model, optimizer, scaler, mix, x, y, cfg, gen, device, amp_dtype)
+            step(model, setup.optimizer, setup.scaler, setup.mix, x, y, cfg, setup.generator, setup.device,
+                 setup.amp_dtype)
 
     train_steps(warmup)
-    train_rate = steps * cfg.batch_size / median_seconds(lambda: train_steps(steps), windows, device)
+    return steps * cfg.batch_size / median_seconds(lambda: train_steps(steps), windows, setup.device)
 
-    x = torch.randn(cfg.batch_size, 3, image_size, image_size, device=device)
+
+def inference_rate(setup, cfg: TrainConfig, *, steps: int, warmup: int, windows: int) -> tuple[float, float]:
+    """(inference images/s on one fixed batch in eval mode, seconds of the very first call)."""
+    model, device, size = setup.step_model, setup.device, setup.train_ds.image_size
+    x = torch.randn(cfg.batch_size, 3, size, size, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
@@ -136,32 +136,45 @@ def bench_one(cfg: TrainConfig, *, steps: int, warmup: int, windows: int, full_e
     def infer(n: int) -> None:
         model.eval()
         for _ in range(n):
-            with autocast(device, amp_dtype):
+            with autocast(device, setup.amp_dtype):
                 model(x)
 
-    first_inference = timed(lambda: infer(1), device)
+    first_call = timed(lambda: infer(1), device)
     infer(max(warmup - 1, 0))
-    infer_seconds = median_seconds(lambda: infer(steps), windows, device)
-    infer_rate = steps * cfg.batch_size / infer_seconds
+    return steps * cfg.batch_size / median_seconds(lambda: infer(steps), windows, device), first_call
 
-    epoch_seconds = None
-    if full_epoch:
-        def one_epoch():
-            model.train()
-            for x_, y_ in loader:
-                step(model, optimizer, scaler, mix, x_, y_, cfg, gen, device, amp_dtype)
-        epoch_seconds = timed(one_epoch, device)
 
-    flops = forward_flops(setup.model, image_size)
-    return {"model": cfg.model, "loader": cfg.loader, "amp": amp_name(amp_dtype), "batch_size": cfg.batch_size,
-            "channels_last": cfg.channels_last, "compile": cfg.compile, "device": str(device),
-            "train_images": len(setup.train_ds), "train_images_per_second": train_rate,
-            "inference_images_per_second": infer_rate,
-            "epoch_seconds_estimate": len(setup.train_ds) / train_rate, "epoch_seconds": epoch_seconds,
+def full_epoch_seconds(setup, cfg: TrainConfig, step) -> float:
+    """Wall time of one real training epoch over the whole (sub)set, as train() runs it."""
+    def one_epoch() -> None:
+        setup.step_model.train()
+        for x, y in setup.loader:
+            step(setup.step_model, setup.optimizer, setup.scaler, setup.mix, x, y, cfg, setup.generator,
+                 setup.device, setup.amp_dtype)
+    return timed(one_epoch, setup.device)
+
+
+def bench_one(cfg: TrainConfig, *, steps: int, warmup: int, windows: int, full_epoch: bool = False) -> dict[str, Any]:
+    """One row: training and inference images/s for cfg (model, loader, amp, batch size) and what follows."""
+    if cfg.compile:  # every row compiles from scratch: its own compile time, and no recompile limit reached
+        torch._dynamo.reset()
+    setup = build_training(cfg)
+    for group in setup.optimizer.param_groups:
+        group["lr"] = cfg.lr_max / 10
+    step = CompileTimer(train_step, setup.device) if cfg.compile else train_step
+    train_rate = training_rate(setup, cfg, step, steps=steps, warmup=warmup, windows=windows)
+    infer_rate, first_inference = inference_rate(setup, cfg, steps=steps, warmup=warmup, windows=windows)
+    epoch_seconds = full_epoch_seconds(setup, cfg, step) if full_epoch else None
+    flops = forward_flops(setup.model, setup.train_ds.image_size)
+    n = len(setup.train_ds)
+    return {"model": cfg.model, "loader": cfg.loader, "amp": amp_name(setup.amp_dtype), "batch_size": cfg.batch_size,
+            "channels_last": cfg.channels_last, "compile": cfg.compile, "device": str(setup.device),
+            "train_images": n, "train_images_per_second": train_rate, "inference_images_per_second": infer_rate,
+            "epoch_seconds_estimate": n / train_rate, "epoch_seconds": epoch_seconds,
             "forward_flops_per_image": flops, "train_gflops_per_second": 3 * flops * train_rate / 1e9,
             "inference_gflops_per_second": flops * infer_rate / 1e9,
             "compile_seconds": step.compile_seconds if cfg.compile else None,
-            "inference_compile_seconds": (max(0.0, first_inference - infer_seconds / steps) if cfg.compile
+            "inference_compile_seconds": (max(0.0, first_inference - cfg.batch_size / infer_rate) if cfg.compile
                                           else None)}
 
 
@@ -228,7 +241,7 @@ def run_bench(cfg: TrainConfig, *, models: list[str], amps: list[str], loaders: 
     matmul = {p: matmul_gflops(device, p, size) for p in precisions}
     machine = {**machine_info(device), "matmul_size": size, "matmul_gflops": matmul}
     log(f"{machine['device']} ({machine['device_name']}), {machine['threads']} threads, torch {machine['torch']}; "
-        f"{size}x{size} matmul: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in matmul.items()))
+        f"{size}x{size} matmul: " + ", ".join(f"{p} {g:.3g} GFLOP/s" for p, g in matmul.items()))
     rows = []
     for c in configs:
         row = bench_one(c, steps=steps, warmup=warmup, windows=windows, full_epoch=full_epoch)

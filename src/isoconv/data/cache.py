@@ -25,7 +25,7 @@ import zlib
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -312,7 +312,7 @@ def _read_split(path: Path, key: str, image_size: Optional[int]) -> CachedSplit:
 
 def load_or_decode(cache: DatasetCache, split: str, files: Sequence[str], labels: Sequence[int], *,
                    image_size: Optional[int], skip_bad: bool, what: str) -> CachedSplit:
-    """The decoded split of `files` (relative to the dataset folder): from the cache when valid, else decoded and cached.
+    """The decoded split of `files` (relative to the dataset folder): from a valid cache, else decoded and cached.
 
     Unreadable images raise BadImageError naming the file, or with skip_bad are left out, counted and
     reported (the cache remembers them, so a later run without --skip-bad-images fails the same way).

@@ -40,7 +40,8 @@ def _find_folder(root: Path) -> Path:
     return folder
 
 
-def _read_split(folder: Path, split: str, label_type: str, image_size: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _read_split(folder: Path, split: str, label_type: str,
+                image_size: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     label_key, _, num_classes = LABEL_TYPES[label_type]
     images, labels = stack_batches([read_batch(folder / split, label_key, num_classes, WHAT)])
     if image_size is not None:

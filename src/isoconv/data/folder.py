@@ -65,7 +65,10 @@ def class_files(root: Path, split: str, classes: Sequence[str],
 def load_folder(root: Union[str, Path], split: str, image_size: Optional[int] = None,
                 val_split: Optional[float] = None, skip_bad_images: bool = False,
                 norm: Optional[Stats] = None) -> ImageDataset:
-    """The train or test split of the tree at `root`; test is val/ or, with val_split, the held-out part."""
+    """The train or test split of the tree at `root`; test is val/ or, with val_split, the held-out part.
+
+    Either val/ or val_split is required, for the train split too (training always evaluates).
+    """
     root = Path(root).expanduser()
     train_dir, val_dir = root / "train", root / "val"
     if not train_dir.is_dir():
@@ -78,7 +81,7 @@ def load_folder(root: Union[str, Path], split: str, image_size: Optional[int] = 
     if has_val and val_split is not None:
         raise ConfigError(f"{root} has a val/ folder, so --val-split {val_split} would be ignored; drop --val-split "
                           f"to evaluate on val/, or move val/ away to hold out part of train/")
-    if split == "test" and not has_val and val_split is None:
+    if not has_val and val_split is None:  # checked for train too: fail before decoding anything
         raise UserError(f"folder dataset at {root} has no val/ folder (the test split); add val/<class>/<images> "
                         f"or pass --val-split 0.1 to hold out part of train/")
 

@@ -5,6 +5,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
+
 from ..errors import ConfigError, UserError
 from .cifar import load_cifar10
 from .cifar100 import load_cifar100
@@ -54,7 +56,21 @@ def load_dataset(name: str, root: Union[str, Path], split: str, download: bool =
         return load_cifar100(root, train=split == "train", download=download, label_type=label_type,
                              image_size=image_size, norm=norm)
     if dataset == "tiny-imagenet":
-        return load_tiny_imagenet(root, split, download=download, image_size=image_size,
-                                  skip_bad_images=skip_bad_images, norm=norm)
-    return load_folder(root, split, image_size=image_size, val_split=val_split, skip_bad_images=skip_bad_images,
-                       norm=norm)
+        ds = load_tiny_imagenet(root, split, download=download, image_size=image_size,
+                                skip_bad_images=skip_bad_images, norm=norm)
+        return interleave_classes(ds) if split == "train" else ds  # val/ is already in mixed order
+    return interleave_classes(load_folder(root, split, image_size=image_size, val_split=val_split,
+                                          skip_bad_images=skip_bad_images, norm=norm))
+
+
+def interleave_classes(ds: ImageDataset) -> ImageDataset:
+    """Reorder a class-by-class split round-robin over classes (1st image of every class, then the 2nd, ...),
+    so `--train-subset N` / `--test-subset N` take about N / classes images of every class, as the first N
+    images of CIFAR do, instead of whole classes."""
+    labels = ds.labels.cpu()
+    rank = torch.empty_like(labels)
+    for c in labels.unique():
+        where = (labels == c).nonzero().flatten()
+        rank[where] = torch.arange(len(where))
+    order = torch.argsort(rank * ds.num_classes + labels, stable=True)
+    return ds.select(order)

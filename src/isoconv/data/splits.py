@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Tuple
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -49,19 +50,19 @@ def holdout_indices(n: int, fraction: float, seed: int = HOLDOUT_SEED) -> Tuple[
 def channel_stats(images: torch.Tensor) -> Stats:
     """Per-channel mean and (population) std of uint8 (N, 3, H, W) images on the [0, 1] scale.
 
-    Exact: sums of values and squares are accumulated as integers, chunk by chunk (about 16M values each).
+    Exact: a per-channel histogram of the 256 values (numpy's bincount, the fastest exact reduction on a
+    CPU), from which the mean and variance follow in float64.
     """
     if images.shape[0] == 0:
         raise ValueError("channel_stats of an empty image tensor")
-    total = torch.zeros(3, dtype=torch.int64)
-    squares = torch.zeros(3, dtype=torch.int64)
-    chunk = max(1, (1 << 24) // images[0].numel())
-    for s in range(0, images.shape[0], chunk):
-        x = images[s:s + chunk].to("cpu", torch.int32)
-        total += x.sum(dim=(0, 2, 3), dtype=torch.int64)
-        squares += (x * x).sum(dim=(0, 2, 3), dtype=torch.int64)
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total.double() / count
-    var = squares.double() / count - mean * mean
-    std = var.clamp_min(0).sqrt()
-    return tuple(float(m) / 255 for m in mean), tuple(float(v) / 255 for v in std)
+    arr = images.cpu().numpy()
+    hist = np.zeros((3, 256), dtype=np.int64)
+    chunk = max(1, (1 << 22) // arr[0, 0].size)  # about 4M values of one channel at a time
+    for s in range(0, arr.shape[0], chunk):
+        for c in range(3):
+            hist[c] += np.bincount(arr[s:s + chunk, c].ravel(), minlength=256)
+    values = np.arange(256, dtype=np.float64)
+    count = hist.sum(axis=1).astype(np.float64)
+    mean = (hist * values).sum(axis=1) / count
+    var = (hist * (values - mean[:, None]) ** 2).sum(axis=1) / count
+    return tuple(float(m) / 255 for m in mean), tuple(float(v) ** 0.5 / 255 for v in var)

@@ -120,8 +120,8 @@ def train_files(folder: Path, wnids: List[str]) -> Tuple[List[str], List[int]]:
 def val_files(folder: Path, wnids: List[str]) -> Tuple[List[str], List[int]]:
     """The val/ image paths relative to `folder`, in val_annotations.txt order, and their labels."""
     val = folder / "val"
-    if not val.is_dir():
-        raise _incomplete(folder, "the val/ split is missing")
+    if not (val / "val_annotations.txt").is_file():
+        raise _incomplete(folder, "the val/ split (val/val_annotations.txt) is missing")
     ann = val / "val_annotations.txt"
     index = {w: i for i, w in enumerate(wnids)}
     paths: List[str] = []
@@ -163,6 +163,8 @@ def load_tiny_imagenet(root: Union[str, Path], split: str, download: bool = True
         folder = download_tiny_imagenet(root)
     wnids = read_wnids(folder)
     classes = class_names(folder, wnids)
+    if not (folder / "val" / "val_annotations.txt").is_file():  # checked for train too: fail before decoding
+        raise _incomplete(folder, "the val/ split (val/val_annotations.txt) is missing")
     cache = DatasetCache(folder, "tiny-imagenet")
     train_list = train_files(folder, wnids) if split == "train" or norm is None else None
 

@@ -50,4 +50,16 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
     return {"run_dir": str(path.parent), "checkpoint": str(path), "model": cfg.model, "recipe": cfg.recipe,
             "dataset": cfg.dataset, "epochs": state["epoch"], "params": state.get("params"),
             "train_seconds": state.get("train_seconds"), "device": str(dev), "amp": amp_name(amp_dtype),
-            "torch": torch.__version__, "tta": tta, **fields, "report_text": report}
+            "torch": torch.__version__, "tta": tta, **training_facts(path.parent), **fields, "report_text": report}
+
+
+def training_facts(run_dir: Path) -> dict[str, Any]:
+    """What the run's own summary says about training (None when the run has no summary)."""
+    import json
+
+    keys = ("compile_seconds", "skipped_steps")
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    return {k: summary.get(k) for k in keys}

@@ -81,11 +81,14 @@ def manifest_for(spec: AblationSpec, sweep_dir: Path, runs: list[PlannedRun], se
             "variants": variants}
 
 
-def format_command(spec_arg: str, *, seeds: int, parallel: int, out: Path, overrides: dict) -> str:
+def format_command(spec_arg: str, *, seeds: int, parallel: int, out: Path, overrides: dict,
+                   only: Optional[list[str]] = None) -> str:
     """The `isoconv ablate` command line that reproduces a sweep."""
     parts = ["isoconv", "ablate", str(spec_arg), "--seeds", str(seeds)]
     if parallel != 1:
         parts += ["--parallel", str(parallel)]
+    if only:
+        parts += ["--variants", ",".join(only)]
     parts += ["--out", str(out)]
     for key, value in overrides.items():
         if key in OVERRIDE_FLAGS:
@@ -242,11 +245,13 @@ def execute(todo: list[PlannedRun], *, parallel: int, log, stop_after, on_finish
 
 def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] = None, parallel: int = 1,
                  overrides: Optional[dict] = None, command: Optional[str] = None, log=print,
-                 stop_after: Optional[int] = None, plots: bool = True, dry_run: bool = False) -> Path:
+                 stop_after: Optional[int] = None, plots: bool = True, dry_run: bool = False,
+                 only: Optional[list[str]] = None) -> Path:
     """Run (or continue) a sweep and write its results; returns the sweep directory.
 
     spec: a shipped spec name, a YAML path or an AblationSpec. overrides: TrainConfig settings applied to every
-    run after the spec's. stop_after: stop every run after that epoch (resumable; for staged runs and tests).
+    run after the spec's. only: train just these variants now (the results still list every variant).
+    stop_after: stop every run after that epoch (resumable; for staged runs and tests).
     """
     spec_arg = str(spec.path) if isinstance(spec, AblationSpec) else str(spec)
     spec = spec if isinstance(spec, AblationSpec) else load_spec(spec)
@@ -260,17 +265,20 @@ def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] 
     runs = plan_runs(spec, sweep_dir, seeds, overrides)
     check_models(spec, runs)
     check_existing_runs(runs)
-    command = command or format_command(spec_arg, seeds=seeds, parallel=parallel, out=sweep_dir, overrides=overrides)
+    command = command or format_command(spec_arg, seeds=seeds, parallel=parallel, out=sweep_dir, overrides=overrides,
+                                        only=only)
 
     states = {r.run_dir: run_state(r.run_dir) for r in runs}
-    todo = [r for r in runs if states[r.run_dir] != "done"]
+    chosen = set(spec.variant(name).name for name in only) if only else None
+    todo = [r for r in runs if states[r.run_dir] != "done" and (chosen is None or r.variant in chosen)]
     log(f"sweep {sweep_dir}: {len(spec.variants)} variants x {seeds} seed(s) = {len(runs)} runs; "
         f"{len(runs) - len(todo)} finished (skipped), "
         f"{sum(states[r.run_dir] == 'partial' for r in todo)} to resume, "
-        f"{sum(states[r.run_dir] != 'partial' for r in todo)} to start")
+        f"{sum(states[r.run_dir] != 'partial' for r in todo)} to start"
+        + (f" (only {', '.join(sorted(chosen))})" if chosen else ""))
     if dry_run:
         for r in runs:
-            log(f"  {states[r.run_dir]:<8} {r.run_dir}")
+            log(f"  {states[r.run_dir]:<8} {r.run_dir}" + ("" if chosen is None or r.variant in chosen else " (not now)"))
         return sweep_dir
 
     sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,8 @@ def add_experiment_parsers(sub) -> None:
     p.add_argument("--tensorboard", action="store_const", const=True, help="also log scalars for TensorBoard")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting for every variant (YAML value), e.g. --set epochs=2; repeatable")
+    p.add_argument("--variants", metavar="NAME[,NAME]", help="train only these variants now (comma-separated; "
+                   "the results still list all)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
 
     p = sub.add_parser("report", help="(re)generate plots and report.md for a run or sweep directory")
@@ -61,10 +63,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     overrides.update(parse_set(args.set))
     seeds = args.seeds if args.seeds is not None else spec.seeds
     out = Path(args.out) if args.out else default_sweep_dir(spec)
-    command = format_command(args.spec, seeds=seeds, parallel=args.parallel, out=out, overrides=overrides)
+    only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    command = format_command(args.spec, seeds=seeds, parallel=args.parallel, out=out, overrides=overrides,
+                             only=only)
     try:
         run_ablation(spec, out=out, seeds=seeds, parallel=args.parallel, overrides=overrides, command=command,
-                     dry_run=args.dry_run)
+                     dry_run=args.dry_run, only=only)
     except KeyboardInterrupt:
         return interrupted(command, 130)
     except UserError as e:

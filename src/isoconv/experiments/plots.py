@@ -35,6 +35,7 @@ def save(fig, stem: Path) -> list[Path]:
         fig.savefig(tmp, format=fmt, dpi=120)
         os.replace(tmp, path)
         paths.append(path)
+        fig.set_layout_engine("none")  # the first save laid the figure out; the others reuse it (text is slow)
     return paths
 
 
@@ -53,10 +54,15 @@ def accuracy_scatter(points: Sequence[dict[str, Any]], x_key: str, x_label: str,
     fig = figure()
     ax = fig.add_subplot()
     pts = [p for p in points if p.get(x_key) is not None and p.get("top1") is not None]
+    same_x: dict[float, int] = {}
     for p, color in zip(pts, colors(len(pts))):
         ax.errorbar(p[x_key], 100 * p["top1"], yerr=100 * (p.get("top1_std") or 0.0), fmt="o", color=color,
                     capsize=3, label=p["name"])
-        ax.annotate(p["name"], (p[x_key], 100 * p["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        k = same_x[p[x_key]] = same_x.get(p[x_key], -1) + 1  # stack the labels of points sharing an x
+        ax.annotate(p["name"], (p[x_key], 100 * p["top1"]), textcoords="offset points", xytext=(5, 4 + 9 * k),
+                    fontsize=7, color=color, in_layout=False)
+    if pts:
+        ax.legend(fontsize=7)
     xs = [p[x_key] for p in pts]
     if log_x is None:
         log_x = bool(xs) and min(xs) > 0 and max(xs) / min(xs) > 8
@@ -91,7 +97,7 @@ def lr_schedules(configs: Sequence[tuple[str, dict]], stem: Path) -> list[Path]:
         ax.plot(t, lr, color=color, label=f"{schedule}, lr_max {lr_max:g}, {epochs} ep ({who})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
-    ax.set_title("learning-rate schedule (set every step at t = epoch + (i + 1) / steps)")
+    ax.set_title("learning-rate schedule")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return save(fig, stem)
@@ -145,7 +151,7 @@ def confusion_heatmap(summary: dict, stem: Path, title: str) -> list[Path]:
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
-                        color="white" if frac[i, j] > 0.5 else "black")
+                        color="white" if frac[i, j] > 0.5 else "black", in_layout=False)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)

@@ -83,7 +83,7 @@ def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
     fmt = model_format(path)
     if fmt == "onnx":
         model = OnnxModel(path, device)
-        return model, model.meta
+        return model.eval(), model.meta
     if fmt == "torchscript":
         return read_torchscript(path, device)
     if fmt == "safetensors":
@@ -164,6 +164,7 @@ class OnnxModel(nn.Module):
     """An ONNX file run by onnxruntime, callable like the PyTorch model (float32 NCHW in, logits out).
 
     A file exported with a fixed batch size is fed in chunks of that size (the last one zero-padded).
+    onnxruntime uses as many threads as torch (`torch.set_num_threads`).
     """
 
     def __init__(self, path: Path, device: torch.device = torch.device("cpu")) -> None:
@@ -172,8 +173,10 @@ class OnnxModel(nn.Module):
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # one knob for both: torch.set_num_threads
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for invalid files
             raise UserError(f"cannot load ONNX model {path} ({str(e).strip().splitlines()[0][:160]})") from None
         metadata = self.session.get_modelmeta().custom_metadata_map

@@ -45,6 +45,7 @@ def predict_files(target: Union[str, Path], inputs: Iterable[Union[str, Path]], 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    inputs = list(inputs)
     paths, problems = collect_image_paths(inputs)
     result = PredictResult()
     for item, reason in problems:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import glob
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from ..augment import normalize
 from ..data.images import decode_image, is_image_file
 from ..errors import UserError
 
-ImageLike = Union[str, Path, torch.Tensor, "PIL.Image.Image"]  # noqa: F821
+ImageLike = Union[str, Path, torch.Tensor, Any]  # Any: a PIL.Image.Image (PIL is imported lazily)
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def compress_names(names: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- reading the file
 
 def read_weights(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]], str]:
-    """(state dict, isoconv TrainConfig dict or None, description of the source)."""
+    """(state dict, isoconv TrainConfig dict or None, format: run, checkpoint or safetensors)."""
     path = Path(path)
     fmt = model_format(path)
     if fmt in ("onnx", "torchscript"):
@@ -135,12 +135,12 @@ def read_weights(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], Optio
                         f"or a .safetensors / .pt file")
     if fmt == "safetensors":
         state, meta = read_safetensors(path)
-        return strip_wrapper_prefixes(state), (meta.config if meta else None), "safetensors"
+        return strip_wrapper_prefixes(state), (meta.config if meta else None), fmt
     file = path / "last.pt" if fmt == "run" else path
     obj = load_torch_file(file)
     state = strip_wrapper_prefixes(find_state_dict(obj, file))
     config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
-    return state, config, "isoconv run" if fmt == "run" else "checkpoint"
+    return state, config, fmt
 
 
 def load_torch_file(path: Path) -> Any:
@@ -153,9 +153,11 @@ def load_torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = (str(e).strip().splitlines() or ["unsupported content"])[0]
-        raise UserError(f"refusing to load {path}: it holds objects other than tensors and plain data "
-                        f"({first[:160]}); save its state_dict() with torch.save and pass that file") from None
+        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if match:  # a pickled class or function (a whole module, an optimizer...), refused by weights_only
+            raise UserError(f"refusing to load {path}: it holds a {match.group(1)} object, not only tensors and "
+                            f"plain data; save its state_dict() with torch.save and pass that file") from None
+        raise UserError(f"cannot read {path} as a PyTorch weights file (not a torch.save file, or corrupt)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"cannot read {path} as a PyTorch weights file ({type(e).__name__}); the file is truncated "
                         f"or not a torch.save file") from None
@@ -280,7 +282,7 @@ def load_pretrained_into(model: nn.Module, path: Union[str, Path], log: Optional
     state, source_config, kind = read_weights(path)
     family = model_family(model)
     layout = detect_layout(state, str(path))
-    layout_name = f"{kind}, {layout.name}" if kind in ("isoconv run", "safetensors") and source_config else layout.name
+    layout_name = f"isoconv {kind}, {layout.name}" if source_config else layout.name
     if layout.family != family:
         raise UserError(f"--pretrained {path} holds {layout.family} weights ({layout.name}) but the model is a "
                         f"{family}; choose a {layout.family} preset (`isoconv models`) or other weights")

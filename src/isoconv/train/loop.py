@@ -224,8 +224,10 @@ class TrainingSetup:
             self.step_model = self.model
 
 
-def build_training(cfg: TrainConfig) -> TrainingSetup:
-    """Seeded device, data, model, optimiser and batch source for cfg, as train() and the benchmark use them."""
+def build_training(cfg: TrainConfig, resuming: bool = False) -> TrainingSetup:
+    """Seeded device, data, model, optimiser and batch source for cfg, as train() and the benchmark use them.
+
+    When resuming, the checkpoint supplies the weights, so --pretrained is not read again."""
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     with torch.device("meta"):  # shape errors before any data is read or downloaded
@@ -235,7 +237,7 @@ def build_training(cfg: TrainConfig) -> TrainingSetup:
     gen.manual_seed(cfg.seed)
     train_ds, test_ds = load_data(cfg, device)
     model = build_model(cfg, train_ds.num_classes, train_ds.image_size).to(device)
-    if cfg.pretrained:
+    if cfg.pretrained and not resuming:
         from ..interop.pretrained import load_pretrained_into  # here: interop imports this module
         load_pretrained_into(model, cfg.pretrained, log=print)
     if cfg.channels_last:
@@ -420,7 +422,7 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
         if (run_dir / "last.pt").exists() or (run_dir / "last.prev.pt").exists():
             raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
 
-    setup = build_training(cfg)
+    setup = build_training(cfg, resuming=start_state is not None)
     created_dir = not run_dir.exists()
     try:
         return _train(cfg, setup, run_dir, start_state, log, stop_after)
