@@ -11,7 +11,7 @@ import yaml
 
 from isoconv.cli import main
 from isoconv.errors import ConfigError, UserError
-from isoconv.experiments import list_specs, load_spec, run_ablation, write_report
+from isoconv.experiments import list_specs, load_spec, run_ablation
 from isoconv.experiments.ablate import format_command
 from isoconv.experiments.cli import parse_set
 from isoconv.experiments.tensorboard import open_tensorboard
@@ -65,6 +65,7 @@ def test_list_variants_take_their_recipe_then_own_settings(tmp_path):
     ({"variants": [{"name": "a", "epochs": 0}]}, r"variant 'a' .*--epochs must be positive, got 0"),
     ({"variants": [{"name": "a"}], "baseline": "z"}, r"`baseline: z` .* names no variant"),
     ({"variants": [{"name": "a"}], "seeds": 0}, r"`seeds` .* positive integer"),
+    ({"settings": {"out": "x"}, "variants": [{"name": "a"}]}, r"`out` in `settings` .* pass `isoconv ablate --out"),
 ])
 def test_bad_specs_fail_with_a_message_naming_the_problem(tmp_path, data, message):
     with pytest.raises(ConfigError, match=message):
@@ -172,7 +173,8 @@ def test_results_rows_hold_mean_and_std_over_seeds(sweep):
     assert f"isoconv ablate {sweep['spec']} --seeds 2 --out {out} --data-dir" in md
     assert "JPEG-degraded" in md and "torch" in md and "the full test set, first 48 images" in md
     mean, std = float(rows[1]["test_top1_mean"]), float(rows[1]["test_top1_std"])
-    assert f"| gelu | gelu | {int(rows[1]['params']):,} |" in md and f"{100 * mean:.2f} ± {100 * std:.2f}" in md and "| 50.00 |" in md
+    assert f"| gelu | gelu | {int(rows[1]['params']):,} |" in md and "| 50.00 |" in md
+    assert f"{100 * mean:.2f} ± {100 * std:.2f}" in md
 
 
 def test_seeds_differ_per_repetition(sweep):
@@ -263,6 +265,12 @@ def test_ablate_cli_dry_run_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "7 variants x 2 seed(s) = 14 runs" in out and f"{tmp_path / 'xl'}/CM-XL/seed1205" in out
     assert not (tmp_path / "xl").exists()  # a dry run writes nothing
+    assert main(["ablate", "convmixer-xl-table", "--variants", "CM-XL,CM-Vanilla", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "(only CM-Vanilla, CM-XL)" in out and "CM-XL-Skip/seed1204 (not now)" in out
+    assert "CM-XL/seed1204 (not now)" not in out
+    assert main(["ablate", "convmixer-xl-table", "--variants", "CM-XXL", "--dry-run"]) == 2
+    assert "has no variant 'CM-XXL' (did you mean CM-XL" in capsys.readouterr().err
     assert main(["ablate", "convmixer-xl-tabel"]) == 2
     assert "did you mean convmixer-xl-table" in capsys.readouterr().err
     assert main(["ablate", "convmixer-xl-table", "--set", "depth", "--dry-run"]) == 2

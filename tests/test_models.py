@@ -357,7 +357,7 @@ def test_unknown_model_suggests_close_name() -> None:
 
 @pytest.mark.parametrize(
     "name, key",
-    [("convnext-cifar", "skip_period"), ("convnext-tin", "activation"), ("cm-vanilla", "drop_path_rate"), ("cm-xl", "depths")],
+    [("convnext-cifar", "skip_period"), ("convnext-tin", "kernel_size_list"), ("cm-vanilla", "drop_path_rate"), ("cm-xl", "depths")],
 )
 def test_override_not_accepted_by_family_raises(name: str, key: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -426,3 +426,16 @@ def test_register_model_custom_preset() -> None:
     assert model_info(name)["description"] == "Tiny test net."
     with pytest.raises(ConfigError, match="already registered"):
         register_model(name)(lambda **kw: ConvMixer(**kw))
+
+
+def test_convnext_activation_and_uniform_depth_for_ablations():
+    from isoconv.models import create_model
+
+    base = create_model("convnext-cifar")
+    relu = create_model("convnext-cifar", activation="relu", depth=1)
+    assert isinstance(base.stages[0].blocks[0].act, torch.nn.GELU)
+    assert isinstance(relu.stages[3].blocks[0].act, torch.nn.ReLU)
+    assert [len(s.blocks) for s in relu.stages] == [1, 1, 1, 1] and relu.config["depths"] == [1, 1, 1, 1]
+    assert sum(p.numel() for p in create_model("convnext-cifar", depth=2).parameters()) == 6_378_378
+    with pytest.raises(Exception, match="depth must be positive"):
+        create_model("convnext-cifar", depth=0)

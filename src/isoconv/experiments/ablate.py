@@ -27,7 +27,7 @@ import yaml
 
 from ..config import TrainConfig
 from ..errors import UserError
-from .results import MANIFEST, atomic_write, run_state, write_results
+from .results import MANIFEST, atomic_write, load_manifest, run_state, write_results
 from .spec import AblationSpec, load_spec, run_config, variant_config, variant_dirname
 
 # Settings that may differ between a finished run and the sweep asking for it without changing the result.
@@ -144,7 +144,8 @@ def check_existing_runs(runs: list[PlannedRun]) -> None:
     """A run folder that already holds a run must hold one with the same settings."""
     for r in runs:
         stored_path = r.run_dir / "config.yaml"
-        if run_state(r.run_dir) in ("pending", "failed") or not stored_path.is_file():
+        started = (r.run_dir / "summary.json").is_file() or (r.run_dir / "last.pt").is_file()
+        if not started or not stored_path.is_file():
             continue
         stored = yaml.safe_load(stored_path.read_text()) or {}
         diffs = setting_differences(stored, r.config.to_dict())
@@ -166,6 +167,8 @@ def train_one(config: TrainConfig, log: Callable[[str], None], stop_after: Optio
     try:
         summary = train(config, resume=resume, log=log, stop_after=stop_after)
     except UserError as e:
+        if hasattr(e, "exit_code"):  # stopped by SIGINT/SIGTERM after a checkpoint: the sweep stops too
+            raise
         (run_dir / "error.txt").write_text(f"{e}\n")
         return "failed", str(e)
     except Exception as e:
@@ -272,18 +275,18 @@ def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] 
     chosen = set(spec.variant(name).name for name in only) if only else None
     todo = [r for r in runs if states[r.run_dir] != "done" and (chosen is None or r.variant in chosen)]
     log(f"sweep {sweep_dir}: {len(spec.variants)} variants x {seeds} seed(s) = {len(runs)} runs; "
-        f"{len(runs) - len(todo)} finished (skipped), "
+        f"{sum(s == 'done' for s in states.values())} finished (skipped), "
         f"{sum(states[r.run_dir] == 'partial' for r in todo)} to resume, "
         f"{sum(states[r.run_dir] != 'partial' for r in todo)} to start"
         + (f" (only {', '.join(sorted(chosen))})" if chosen else ""))
     if dry_run:
         for r in runs:
-            log(f"  {states[r.run_dir]:<8} {r.run_dir}" + ("" if chosen is None or r.variant in chosen else " (not now)"))
+            later = chosen is not None and r.variant not in chosen
+            log(f"  {states[r.run_dir]:<8} {r.run_dir}" + (" (not now)" if later else ""))
         return sweep_dir
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((sweep_dir / MANIFEST).read_text()).get("commands", []) \
-        if (sweep_dir / MANIFEST).is_file() else []
+    previous = load_manifest(sweep_dir).get("commands", []) if (sweep_dir / MANIFEST).is_file() else []
     commands = previous if previous[-1:] == [command] else previous + [command]
     manifest = manifest_for(spec, sweep_dir, runs, seeds, overrides, commands)
     if spec.text:

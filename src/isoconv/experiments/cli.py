@@ -46,6 +46,8 @@ def parse_set(items: list[str]) -> dict:
             raise UserError(f"--set expects KEY=VALUE, got {item!r}")
         if key not in CONFIG_KEYS:
             raise ConfigError(f"unknown setting {key!r} in --set {item}{suggest(key, CONFIG_KEYS)}")
+        if key == "out":
+            raise ConfigError("--set out=... is not a run setting here; pass --out DIR for the sweep folder")
         try:
             out[key] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:

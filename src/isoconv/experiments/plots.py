@@ -109,6 +109,8 @@ CURVE_PANELS = (("train_loss", "train loss"), ("test_loss", "test loss"),
 
 def training_curves(runs: Sequence[tuple[str, list[dict]]], stem: Path, title: str) -> list[Path]:
     """Train/test loss and accuracy per epoch; runs sharing a label (the seeds of a variant) share a colour."""
+    from matplotlib.ticker import MaxNLocator
+
     labels = list(dict.fromkeys(label for label, _ in runs))
     color_of = dict(zip(labels, colors(len(labels))))
     fig = figure(10, 7)
@@ -124,6 +126,7 @@ def training_curves(runs: Sequence[tuple[str, list[dict]]], stem: Path, title: s
                     label=None if label in labelled else label, alpha=0.85)
             labelled.add(label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:

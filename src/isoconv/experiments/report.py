@@ -10,7 +10,7 @@ import yaml
 
 from ..errors import UserError
 from . import plots
-from .results import (MANIFEST, VariantResult, atomic_write, human_seconds, load_manifest, mean_std, pct,
+from .results import (JPEG_NOTE, MANIFEST, VariantResult, atomic_write, human_seconds, load_manifest, mean_std, pct,
                       results_markdown, write_results)
 
 PLOTS = "plots"
@@ -47,16 +47,16 @@ def read_json(path: Path) -> Optional[dict]:
 
 # ----------------------------------------------------------------------------- one run
 
-def run_figures(run_dir: Path, out_dir: Path, name: str, summary: Optional[dict], config: dict,
+def run_figures(out_dir: Path, title: str, summary: Optional[dict], config: dict,
                 rows: list[dict]) -> dict[str, Path]:
     """Curves, LR schedule and (when finished) confusion matrix and per-class F1 of one run: {kind: png path}."""
-    figs = {"curves": plots.training_curves([(name, rows)], out_dir / f"{name}-curves", f"{name}: training curves")[0],
-            "lr": plots.lr_schedules([(name, config)], out_dir / f"{name}-lr_schedule")[0]}
+    figs = {"curves": plots.training_curves([(title, rows)], out_dir / "run-curves", f"{title}: training curves")[0],
+            "lr": plots.lr_schedules([(title, config)], out_dir / "run-lr_schedule")[0]}
     if summary and summary.get("confusion_matrix"):
         top1 = f"top-1 {100 * summary['test_top1']:.2f}%"
-        figs["confusion"] = plots.confusion_heatmap(summary, out_dir / f"{name}-confusion",
-                                                    f"{name}: confusion matrix ({top1})")[0]
-        figs["f1"] = plots.per_class_f1(summary, out_dir / f"{name}-per_class_f1", f"{name}: per-class F1")[0]
+        figs["confusion"] = plots.confusion_heatmap(summary, out_dir / "run-confusion",
+                                                    f"{title}: confusion matrix ({top1})")[0]
+        figs["f1"] = plots.per_class_f1(summary, out_dir / "run-per_class_f1", f"{title}: per-class F1")[0]
     return figs
 
 
@@ -65,13 +65,14 @@ def write_run_report(run_dir: Path) -> Path:
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     rows = read_rows(run_dir)
     summary = read_json(run_dir / "summary.json")
-    figs = run_figures(run_dir, run_dir / PLOTS, "run", summary, config, rows)
+    sweep = run_dir.resolve().parent.parent
+    in_sweep = (sweep / MANIFEST).is_file()
+    title = f"{run_dir.resolve().parent.name}/{run_dir.resolve().name}" if in_sweep else run_dir.resolve().name
+    figs = run_figures(run_dir / PLOTS, title, summary, config, rows)
+    resume = "." if summary else f"; continue it with `isoconv train --resume {run_dir}`."
     lines = [f"# Run `{run_dir}`", "", "Settings: [config.yaml](config.yaml) (every resolved setting). Reproduce with "
-             f"`isoconv train --recipe {run_dir / 'config.yaml'} --out NEW_DIR`"
-             + ("; resume an unfinished run with `isoconv train --resume " + str(run_dir) + "`." if not summary else "."),
-             ""]
-    sweep = run_dir.parent.parent
-    if (sweep / MANIFEST).is_file():
+             f"`isoconv train --recipe {run_dir / 'config.yaml'} --out NEW_DIR`{resume}", ""]
+    if in_sweep:
         commands = load_manifest(sweep).get("commands", [])
         lines += ["Part of the sweep in `" + str(sweep) + "`, produced by:", "", "```bash", *commands, "```", ""]
     if summary:
@@ -84,6 +85,8 @@ def write_run_report(run_dir: Path) -> Path:
                   f"split) |", ""]
     else:
         lines += [f"Not finished: {len(rows)} of {config.get('epochs', '?')} epochs logged.", ""]
+    if config.get("dataset", "cifar10") == "cifar10":
+        lines += [JPEG_NOTE, ""]
     lines += metrics_table(rows) + ["", "## Training curves", "", image(figs["curves"], run_dir, "training curves"),
                                     "", "## Learning-rate schedule", "", image(figs["lr"], run_dir, "lr schedule")]
     if "confusion" in figs:
@@ -104,7 +107,8 @@ def metrics_table(rows: list[dict]) -> list[str]:
            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['epoch']} | {f(r.get('lr'), '.2e')} | {f(r.get('train_loss'), '.4f')} | "
-                   f"{f(r.get('train_acc'), '.4f')} | {f(r.get('test_loss'), '.4f')} | {f(r.get('test_top1'), '.4f')} | "
+                   f"{f(r.get('train_acc'), '.4f')} | {f(r.get('test_loss'), '.4f')} | "
+                   f"{f(r.get('test_top1'), '.4f')} | "
                    f"{f(r.get('test_top5'), '.4f')} | {f(r.get('epoch_seconds'), '.1f')} |")
     return out
 

@@ -10,12 +10,11 @@ import csv
 import functools
 import io
 import json
-import math
 import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import UserError
 from .spec import format_value
@@ -88,8 +87,16 @@ def load_manifest(sweep_dir: Path) -> dict:
         raise UserError(f"{path} is not valid JSON; rerun the `isoconv ablate` command to rewrite it") from None
 
 
+def read_summary(run_dir: Path) -> Optional[dict]:
+    """summary.json, or None when it is missing or was cut short (then the run counts as unfinished)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def run_state(run_dir: Path) -> str:
-    if (run_dir / "summary.json").is_file():
+    if read_summary(run_dir) is not None:
         return "done"
     if (run_dir / "error.txt").is_file():
         return "failed"
@@ -102,7 +109,7 @@ def read_run(run_dir: Path, repetition: int, seed: int) -> RunResult:
     state = run_state(run_dir)
     result = RunResult(repetition, seed, run_dir, state)
     if state == "done":
-        result.summary = json.loads((run_dir / "summary.json").read_text())
+        result.summary = read_summary(run_dir)
     elif state == "failed":
         result.error = (run_dir / "error.txt").read_text().strip()
     return result
@@ -173,14 +180,22 @@ def fill_model_numbers(v: VariantResult) -> None:
 
 
 def checkpoint_image_size(v: VariantResult) -> Optional[int]:
+    """The image size a run trained at, from its checkpoint's data meta (None when unknown)."""
     for r in v.runs:
-        if (r.run_dir / "last.pt").is_file():
-            from ..train.checkpoint import load_checkpoint
-            try:
-                return int(load_checkpoint(r.run_dir / "last.pt").get("data", {})["image_size"])
-            except (UserError, KeyError, TypeError, ValueError):
-                return None
+        path = r.run_dir / "last.pt"
+        if path.is_file():
+            return stored_image_size(str(path), path.stat().st_mtime_ns)
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def stored_image_size(path: str, mtime_ns: int) -> Optional[int]:  # mtime_ns: reread a rewritten checkpoint
+    from ..train.checkpoint import load_checkpoint
+
+    try:
+        return int(load_checkpoint(Path(path)).get("data", {})["image_size"])
+    except (UserError, KeyError, TypeError, ValueError):
+        return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -294,17 +309,22 @@ def unique(values) -> list:
 
 
 def test_split_text(variants: list[VariantResult]) -> str:
-    parts = []
+    """Which test images the numbers are on: the split, any subset, and the image counts the runs reported."""
+    splits = {}
     for v in variants:
-        split, subset = v.config.get("test_split", "full"), v.config.get("test_subset")
-        images = unique(r.summary.get("test_images") for r in v.done)
-        text = {"full": "the full test set", "half": "the seed's 5,000-image half of the test set"}.get(split, split)
+        key = (v.config.get("test_split", "full"), v.config.get("test_subset"))
+        splits.setdefault(key, []).extend(r.summary.get("test_images") for r in v.done)
+    parts = []
+    for (split, subset), images in splits.items():
+        text = {"full": "the full test set",
+                "half": "a fixed random half of the test set (--test-split half)"}.get(split, split)
         if subset:
             text += f", first {subset:,} images"
-        if images:
-            text += f" ({', '.join(f'{n:,}' for n in images)} images)"
+        counts = unique(images)
+        if counts:
+            text += f" ({', '.join(f'{n:,}' for n in counts)} images)"
         parts.append(text)
-    return "; ".join(unique(parts))
+    return "; ".join(parts)
 
 
 def setup_lines(manifest: dict, variants: list[VariantResult]) -> list[str]:
@@ -373,7 +393,3 @@ def write_results(sweep_dir: Path, manifest: Optional[dict] = None) -> list[Vari
     atomic_write(sweep_dir / "results.csv", csv_text(variants))
     atomic_write(sweep_dir / "results.md", results_markdown(manifest, variants))
     return variants
-
-
-def nan_to_none(x: Optional[float]) -> Optional[float]:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -76,7 +76,8 @@ def spec_path(name_or_file: str) -> Path:
     p = Path(name_or_file)
     if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
-            raise ConfigError(f"ablation spec {p} does not exist; pass a YAML file or one of: {', '.join(list_specs())}")
+            raise ConfigError(f"ablation spec {p} does not exist; pass a YAML file or one of: "
+                              f"{', '.join(list_specs())}")
         return p
     p = SPEC_DIR / f"{name_or_file}.yaml"
     if not p.is_file():
@@ -140,6 +141,9 @@ def check_setting_keys(settings: dict, where: str) -> None:
     for key in settings:
         if key not in CONFIG_KEYS:
             raise ConfigError(f"unknown setting {key!r} in {where}{suggest(str(key), CONFIG_KEYS)}")
+        if key == "out":
+            raise ConfigError(f"`out` in {where} is not a setting of a sweep's runs (each gets its own folder); "
+                              f"pass `isoconv ablate --out DIR` for the sweep folder")
 
 
 def grid_variants(grid: Any, base: Optional[str], settings: dict, where: str) -> tuple[list[Variant], tuple]:

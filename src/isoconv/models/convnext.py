@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .convmixer import check_image_size, check_positive_int
+from .convmixer import canonical_activation, check_image_size, check_positive_int, make_activation
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock", "ConvNeXtStage", "DropPath", "LayerNorm2d"]
 
@@ -62,12 +62,13 @@ class LayerNorm2d(nn.LayerNorm):
 class ConvNeXtBlock(nn.Module):
     """One ConvNeXt block; the MLP runs channels-last (NHWC) so LayerNorm/Linear act on channels."""
 
-    def __init__(self, dim: int, kernel_size: int = 7, drop_path: float = 0.0, layer_scale_init: float = 1e-6) -> None:
+    def __init__(self, dim: int, kernel_size: int = 7, drop_path: float = 0.0, layer_scale_init: float = 1e-6,
+                 activation: str = "gelu") -> None:
         super().__init__()
         self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.fc1 = nn.Linear(dim, 4 * dim)
-        self.act = nn.GELU()
+        self.act = make_activation(activation)
         self.fc2 = nn.Linear(4 * dim, dim)
         self.gamma: Optional[nn.Parameter]
         if layer_scale_init > 0:
@@ -99,6 +100,7 @@ class ConvNeXtStage(nn.Module):
         kernel_size: int,
         drop_path_rates: Sequence[float],
         layer_scale_init: float,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         self.downsample: nn.Module
@@ -110,7 +112,8 @@ class ConvNeXtStage(nn.Module):
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(
-            *[ConvNeXtBlock(out_dim, kernel_size, drop_path_rates[j], layer_scale_init) for j in range(depth)]
+            *[ConvNeXtBlock(out_dim, kernel_size, drop_path_rates[j], layer_scale_init, activation)
+              for j in range(depth)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +133,8 @@ class ConvNeXt(nn.Module):
         layer_scale_init: initial layer-scale value; <= 0 disables layer scale.
         kernel_size: depthwise kernel size (odd).
         image_size: optional input side length, used to reject a total stride larger than the image.
+        activation: the MLP's activation (gelu as in the paper; relu, silu, leaky_relu for ablations).
+        depth: if given, the number of blocks in every stage (overrides ``depths``; 2 = [2, 2, 2, 2]).
     """
 
     def __init__(
@@ -143,8 +148,13 @@ class ConvNeXt(nn.Module):
         layer_scale_init: float = 1e-6,
         kernel_size: int = 7,
         image_size: Optional[int] = None,
+        activation: str = "gelu",
+        depth: Optional[int] = None,
     ) -> None:
         super().__init__()
+        activation = canonical_activation(activation)
+        if depth is not None and not isinstance(depths, (str, bytes)) and isinstance(depths, Sequence):
+            depths = [check_positive_int("depth", depth)] * len(depths)
         patch_size = check_positive_int("patch_size", patch_size)
         num_classes = check_positive_int("num_classes", num_classes)
         in_chans = check_positive_int("in_chans", in_chans)
@@ -185,6 +195,7 @@ class ConvNeXt(nn.Module):
             layer_scale_init=float(layer_scale_init),
             kernel_size=kernel_size,
             image_size=image_size,
+            activation=activation,
         )
         self.num_classes = num_classes
         self.num_features = dims[-1]
@@ -206,6 +217,7 @@ class ConvNeXt(nn.Module):
                     kernel_size=kernel_size,
                     drop_path_rates=rates[start : start + depths[i]],
                     layer_scale_init=float(layer_scale_init),
+                    activation=activation,
                 )
             )
             start += depths[i]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -159,18 +160,24 @@ def main_process_first(ctx: Dist):
 
 
 def is_collective_failure(e: BaseException) -> bool:
-    """An error raised because another process died, hung or was unreachable."""
+    """An error raised because another process died, hung or was unreachable: torch's DistError, or a RuntimeError
+    from a collective (gloo and older torch raise plain RuntimeErrors, also from DDP's hooks in backward)."""
     dist_error = getattr(dist, "DistError", ())
     if dist_error and isinstance(e, dist_error):
         return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(
-        s in text for s in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out"))
+    if not isinstance(e, RuntimeError):
+        return False
+    text = str(e).lower()
+    if any(s in text for s in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout",
+                               "pair closure")):
+        return True
+    files = [f.filename.replace("\\", "/") for f in traceback.extract_tb(e.__traceback__)]
+    return any("/distributed/" in f or f.endswith("/distributed.py") for f in files)
 
 
 def lost_contact_message(ctx: Dist, e: BaseException, resume_hint: str) -> str:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    first = first.split("] ", 1)[-1][:200]  # drop gloo's source-file prefix
+    first = first.split("] ", 1)[-1].split(". ")[0][:200]  # gloo's first sentence, without its source file
     return (f"process {ctx.rank} of {ctx.world_size} lost contact with the others ({first}); another process "
             f"failed or was killed (torchrun's summary names it) or did not answer for {TIMEOUT_ENV}="
             f"{timeout_seconds():.0f} s; the job is stopped — {resume_hint}")

@@ -31,7 +31,9 @@ from ..errors import ConfigError, UserError
 from ..eval.metrics import classification_report, confusion_matrix, per_class_metrics, summary_metrics, topk_correct
 from ..experiments.tensorboard import open_tensorboard
 from ..models import count_params, create_model
+from . import distributed as ddp
 from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .distributed import SINGLE, Dist
 from .schedule import lr_at
 
 # Settings that may differ between a run and its resumption without changing what is computed.
@@ -124,14 +126,14 @@ def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm=N
     return (train_ds.to(device) if cfg.loader == "device" else train_ds), test
 
 
-def build_loader(cfg: TrainConfig, train, generator: torch.Generator, device: torch.device):
+def build_loader(cfg: TrainConfig, train, generator: torch.Generator, device: torch.device, dist: Dist = SINGLE):
     aug = dict(image_size=train.image_size, mean=train.mean, std=train.std, scale=cfg.scale,
                translate=cfg.translate, hflip=cfg.hflip, ra_n=cfg.ra_n, ra_m=cfg.ra_m, jitter=cfg.jitter,
                reprob=cfg.reprob, no_aug=cfg.no_aug)
     if cfg.loader == "torchvision":
         return TorchvisionLoader(train, cfg.batch_size, torchvision_train_transform(**aug), generator, device,
-                                 workers=cfg.workers)
-    return DeviceLoader(train, cfg.batch_size, BatchAugment(**aug), generator)
+                                 workers=cfg.workers, rank=dist.rank, world_size=dist.world_size)
+    return DeviceLoader(train, cfg.batch_size, BatchAugment(**aug), generator, world_size=dist.world_size)
 
 
 def build_optimizer(cfg: TrainConfig, model, device: torch.device, amp_dtype):
@@ -183,9 +185,23 @@ def predict_logits(model, images: torch.Tensor, mean, std, *, device, amp_dtype,
     return torch.cat(outs)
 
 
-def evaluate(model, ds, *, device, amp_dtype, channels_last: bool, tta_flip: bool = False) -> dict[str, Any]:
-    logits = predict_logits(model, ds.images, ds.mean, ds.std, device=device, amp_dtype=amp_dtype,
-                            channels_last=channels_last, tta_flip=tta_flip)
+EVAL_BATCH = 500
+
+
+def evaluate(model, ds, *, device, amp_dtype, channels_last: bool, tta_flip: bool = False,
+             dist: Dist = SINGLE) -> dict[str, Any]:
+    """Test metrics. Under torchrun each process predicts whole EVAL_BATCH chunks of a contiguous part of the test
+    set (the same chunks a single process predicts, so the same logits) and all of them gather every logit."""
+    images = ds.images
+    if dist.enabled:
+        chunks = ddp.shard_bounds(-(-len(images) // EVAL_BATCH), dist.world_size, dist.rank)
+        images = images[chunks[0] * EVAL_BATCH:chunks[1] * EVAL_BATCH]
+    if len(images):
+        logits = predict_logits(model, images, ds.mean, ds.std, device=device, amp_dtype=amp_dtype,
+                                channels_last=channels_last, batch_size=EVAL_BATCH, tta_flip=tta_flip)
+    else:  # more processes than chunks
+        logits = torch.empty((0, len(ds.classes)), device=device)
+    logits = ddp.all_gather_rows(dist, logits)
     labels = ds.labels.to(logits.device)
     correct = topk_correct(logits, labels, ks=(1, 5))
     n = len(labels)
@@ -217,58 +233,72 @@ class TrainingSetup:
     scaler: Any
     loader: Any
     mix: MixupCutmix
-    step_model: Optional[torch.nn.Module] = None  # what steps and evaluation call: torch.compile(model) or model
+    step_model: Optional[torch.nn.Module] = None  # what steps call: torch.compile(model) or model (DDP-wrapped)
+    eval_model: Optional[torch.nn.Module] = None  # what evaluation calls: step_model in a single process
+    dist: Dist = SINGLE
 
     def __post_init__(self):
         if self.step_model is None:
             self.step_model = self.model
+        if self.eval_model is None:
+            self.eval_model = self.step_model
 
 
-def build_training(cfg: TrainConfig, resuming: bool = False) -> TrainingSetup:
+def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE) -> TrainingSetup:
     """Seeded device, data, model, optimiser and batch source for cfg, as train() and the benchmark use them.
 
-    When resuming, the checkpoint supplies the weights, so --pretrained is not read again."""
-    device = resolve_device(cfg.device)
+    When resuming, the checkpoint supplies the weights, so --pretrained is not read again. Under torchrun (`dist`)
+    each process uses its own device, local rank 0 loads (and caches) the data first, and the model is wrapped in
+    DistributedDataParallel (with --sync-bn, its BatchNorm layers share statistics across processes)."""
+    device = dist.device if dist.enabled else resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     with torch.device("meta"):  # shape errors before any data is read or downloaded
         build_model(cfg, num_classes=10, image_size=None)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
-    train_ds, test_ds = load_data(cfg, device)
+    with ddp.main_process_first(dist):
+        train_ds, test_ds = load_data(cfg, device)
     model = build_model(cfg, train_ds.num_classes, train_ds.image_size).to(device)
     if cfg.pretrained and not resuming:
         from ..interop.pretrained import load_pretrained_into  # here: interop imports this module
         load_pretrained_into(model, cfg.pretrained, log=print)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if dist.enabled and cfg.sync_bn:
+        model = ddp.convert_sync_batchnorm(model, device)
     optimizer, scaler = build_optimizer(cfg, model, device, amp_dtype)
+    step_model = ddp.wrap_ddp(model, dist) if dist.enabled else model
+    step_model = compile_model(step_model, device) if cfg.compile else step_model
+    eval_model = (compile_model(model, device) if cfg.compile else model) if dist.enabled else step_model
     return TrainingSetup(device, amp_dtype, gen, train_ds, test_ds, model, optimizer, scaler,
-                         build_loader(cfg, train_ds, gen, device), build_mix(cfg, train_ds.num_classes),
-                         step_model=compile_model(model, device) if cfg.compile else model)
+                         build_loader(cfg, train_ds, gen, device, dist), build_mix(cfg, train_ds.num_classes),
+                         step_model=step_model, eval_model=eval_model, dist=dist)
 
 
 def train_step(model, optimizer, scaler, mix: MixupCutmix, x, y, cfg: TrainConfig, gen, device, amp_dtype,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, targets=None, loss_weight: float = 1.0, all_finite=None):
     """One optimisation step on an augmented batch; returns (loss, logits), both still on the device.
 
     With skip_nonfinite, a step whose loss is not finite makes no update and returns (None, None)
     (this costs one device sync per step, so it is off by default).
+    Under DDP the caller passes this process's slice with its soft `targets` (already mixed, or None), the weight
+    that turns DDP's gradient average into the global-batch mean, and `all_finite` (agreement across processes).
     """
-    if mix.enabled:
+    if targets is None and mix.enabled:
         x, targets = mix(x, y, gen)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp_dtype):
         logits = model(x)
-        if mix.enabled:
+        if targets is not None:
             loss = soft_target_cross_entropy(logits.float(), targets)
         else:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    if skip_nonfinite and not torch.isfinite(loss).item():
+    if skip_nonfinite and not (all_finite(loss) if all_finite else torch.isfinite(loss).item()):
         return None, None
-    scaler.scale(loss).backward()
+    scaler.scale(loss * loss_weight if loss_weight != 1.0 else loss).backward()
     if cfg.clip_norm:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
@@ -355,10 +385,13 @@ class TrainingInterrupted(UserError):
 
 class StopSignals:
     """While active, the first SIGINT/SIGTERM only sets a flag (the loop checkpoints and stops after the
-    current step); a second one interrupts at once."""
+    current step); a second one interrupts at once, unless repeat_interrupts=False (under torchrun, where a
+    terminal's Ctrl-C reaches a worker twice, directly and forwarded by torchrun, which kills workers that have
+    not exited 30 s later anyway)."""
 
-    def __init__(self):
+    def __init__(self, repeat_interrupts: bool = True):
         self.signum: Optional[int] = None
+        self.repeat_interrupts = repeat_interrupts
         self._previous = {}
 
     def __enter__(self):
@@ -369,6 +402,8 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        if not self.repeat_interrupts:
+            return
         for sig, handler in self._previous.items():  # a second signal acts immediately
             signal.signal(sig, handler)
 
@@ -389,7 +424,7 @@ def pause_for_tests(event: str, _counts: dict = {}) -> None:
         return
     _counts[event] = _counts.get(event, 0) + 1
     if _counts[event] == int(nth or 1):
-        print(f"ISOCONV_TEST_PAUSED {spec}", flush=True)
+        print(f"ISOCONV_TEST_PAUSED {spec} rank={os.environ.get('RANK', 0)} pid={os.getpid()}", flush=True)
         time.sleep(float(os.environ.get("ISOCONV_TEST_PAUSE_SECONDS", "600")))
 
 
@@ -408,7 +443,9 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
     """Train (or resume) a run and return its summary; everything is also written to the run directory.
 
     stop_after=N stops after epoch N with a checkpoint but no summary (the run stays resumable).
+    Under torchrun every process calls this (DDP); only rank 0 logs and writes files, the others return None.
     """
+    ddp.check_batch_divides(cfg.batch_size, ddp.world_from_env().world_size)
     start_state = None
     if resume is not None:
         run_dir = Path(resume)
@@ -422,12 +459,29 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
         if (run_dir / "last.pt").exists() or (run_dir / "last.prev.pt").exists():
             raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
 
-    setup = build_training(cfg, resuming=start_state is not None)
+    with ddp.process_group(cfg.device) as dist:
+        try:
+            return _setup_and_train(cfg, dist, run_dir, start_state, resume, log if dist.is_main else quiet,
+                                    stop_after)
+        except Exception as e:
+            if dist.enabled and not isinstance(e, UserError) and ddp.is_collective_failure(e):
+                hint = (f"continue from its last checkpoint with `-m isoconv train --resume {run_dir}`"
+                        if (run_dir / "last.pt").exists() else "no checkpoint had been written; start it again")
+                raise UserError(ddp.lost_contact_message(dist, e, hint)) from e
+            raise
+
+
+def quiet(*_) -> None:
+    pass
+
+
+def _setup_and_train(cfg, dist: Dist, run_dir: Path, start_state, resume, log, stop_after):
+    setup = build_training(cfg, resuming=start_state is not None, dist=dist)
     created_dir = not run_dir.exists()
     try:
         return _train(cfg, setup, run_dir, start_state, log, stop_after)
     except BaseException as e:
-        if resume is None and not (run_dir / "last.pt").exists():
+        if dist.is_main and resume is None and not (run_dir / "last.pt").exists():
             remove_unfinished_run(run_dir, created_dir)
         if type(e).__name__ == "OutOfMemoryError":
             raise UserError(f"out of memory at batch size {cfg.batch_size}; lower --batch-size") from e
@@ -450,6 +504,7 @@ def _train(cfg, setup: TrainingSetup, run_dir: Path, start_state, log, stop_afte
     params = count_params(model)
     steps_per_epoch = len(loader)
     step_model = setup.step_model  # the compiled model with --compile (same parameters as `model`)
+    eval_model, dist = setup.eval_model, setup.dist
     run_step = CompileTimer(train_step, device) if cfg.compile else train_step
 
     start_epoch, start_step, epoch_state, history, train_seconds = 0, 0, None, [], 0.0
@@ -463,14 +518,23 @@ def _train(cfg, setup: TrainingSetup, run_dir: Path, start_state, log, stop_afte
         epoch_state = start_state.get("epoch_state")
         train_seconds = start_state["train_seconds"]
         history = read_metrics(run_dir / "metrics.jsonl")[:start_epoch]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_metrics(run_dir / "metrics.jsonl", history)
-    tb = open_tensorboard(run_dir, start_epoch=len(history), enabled=cfg.tensorboard)
+    if dist.rank > 0:  # per-process stochastic depth; rank 0 keeps the single-process stream
+        torch.manual_seed(ddp.decorrelated_seed(cfg.seed, dist.rank, start_epoch, start_step))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_metrics(run_dir / "metrics.jsonl", history)
+    tb = open_tensorboard(run_dir, start_epoch=len(history), enabled=cfg.tensorboard and dist.is_main)
 
     log(f"run {run_dir}: {cfg.model} ({params:,} params) on {device} {amp_name(amp_dtype)}, {cfg.dataset} "
         f"{len(train_ds)} train / {len(test_ds)} test, {cfg.epochs} epochs x {steps_per_epoch} steps of "
         f"{cfg.batch_size}, {cfg.loader} loader")
+    if dist.enabled:
+        log(f"DDP: {dist.world_size} processes ({dist.backend}) x {cfg.batch_size // dist.world_size} images = "
+            f"global batch {cfg.batch_size}; lr_max {cfg.lr_max} applies to the global batch; "
+            f"BatchNorm {'synchronized across processes' if cfg.sync_bn else 'per process (no --sync-bn)'}")
+    elif cfg.sync_bn:
+        log("--sync-bn has no effect in a single process")
     if start_state is not None:
         log(f"resuming after epoch {start_epoch}" + (f" step {start_step}" if start_step else ""))
     log(HEADER)
@@ -478,6 +542,8 @@ def _train(cfg, setup: TrainingSetup, run_dir: Path, start_state, log, stop_afte
         log(format_row(row))
 
     def checkpoint(epoch_done: int, step: int, state: Optional[dict], seconds: float) -> None:
+        if not dist.is_main:
+            return
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": epoch_done, "step": step, "epoch_state": state,
                          "rng": rng_state(gen), "train_seconds": seconds, "config": cfg.to_dict(),
@@ -486,7 +552,7 @@ def _train(cfg, setup: TrainingSetup, run_dir: Path, start_state, log, stop_afte
 
     result = None
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    with StopSignals() as stop:
+    with StopSignals(repeat_interrupts=not dist.enabled) as stop:
         for epoch in range(start_epoch, end_epoch):
             model.train()
             if epoch_state is not None:  # resuming mid-epoch: same order, same partial sums
@@ -494,6 +560,8 @@ def _train(cfg, setup: TrainingSetup, run_dir: Path, start_state, log, stop_afte
                 loss_sum = epoch_state["loss_sum"].to(device)
                 correct = epoch_state["correct"].to(device)
                 seen, skipped, seconds_before = epoch_state["seen"], epoch_state["skipped"], epoch_state["seconds"]
+                if dist.rank > 0:  # the checkpoint holds the sums over all processes: counted once, by rank 0
+                    loss_sum, correct, seen = torch.zeros_like(loss_sum), torch.zeros_like(correct), 0
             else:
                 order, first = loader.epoch_order(), 0
                 loss_sum = torch.zeros((), device=device)
@@ -504,24 +572,38 @@ def _train(cfg, setup: TrainingSetup, run_dir: Path, start_state, log, stop_afte
             t0 = time.perf_counter()
 
             def check_finite() -> None:
-                bad = int(first_bad.item())
+                bad = int(ddp.first_step_over_ranks(dist, first_bad).item())
                 if bad >= 0:
                     raise UserError(nonfinite_message(cfg, epoch, bad, steps_per_epoch, run_dir))
 
+            def epoch_totals() -> tuple[torch.Tensor, torch.Tensor, int]:
+                """loss sum, correct count and images seen so far, over all processes."""
+                if not dist.enabled:
+                    return loss_sum, correct, seen
+                t = ddp.sum_over_ranks(dist, torch.stack([loss_sum.double(), correct.double(),
+                                                          torch.tensor(float(seen), device=device).double()]))
+                return t[0].float(), t[1].round().long(), int(t[2].item())
+
             def partial_state(step: int) -> dict[str, Any]:
-                return {"order": order, "loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
-                        "skipped": skipped, "seconds": seconds_before + time.perf_counter() - t0}
+                total_loss, total_correct, total_seen = epoch_totals()
+                return {"order": order, "loss_sum": total_loss.cpu(), "correct": total_correct.cpu(),
+                        "seen": total_seen, "skipped": skipped, "seconds": seconds_before + time.perf_counter() - t0}
 
             bar = tqdm(loader.batches(order, first), total=steps_per_epoch, initial=first,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not sys.stderr.isatty(),
-                       unit="batch")
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not sys.stderr.isatty() or not dist.is_main, unit="batch")
             for i, (x, y) in enumerate(bar, start=first):
                 lr = lr_at(epoch + (i + 1) / steps_per_epoch, schedule=cfg.schedule, lr_max=cfg.lr_max,
                            epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                shard = {}
+                if dist.enabled:  # this process's slice of the global batch (mixed first when mixing)
+                    x, y, targets, weight = ddp.split_batch(dist, x, y, loader.slices[i][1] - loader.slices[i][0],
+                                                            is_global=loader.yields_global_batches, mix=mix, gen=gen)
+                    shard = dict(targets=targets, loss_weight=weight, all_finite=ddp.all_finite_over_ranks(dist))
                 loss, logits = run_step(step_model, optimizer, scaler, mix, x, y, cfg, gen, device, amp_dtype,
-                                          skip_nonfinite=cfg.skip_nonfinite)
+                                          skip_nonfinite=cfg.skip_nonfinite, **shard)
                 if loss is None:  # --skip-nonfinite: the update was skipped
                     skipped += 1
                 else:
@@ -531,13 +613,18 @@ def _train(cfg, setup: TrainingSetup, run_dir: Path, start_state, log, stop_afte
                     seen += len(y)
                 pause_for_tests("step")
                 done = i + 1
-                if done < steps_per_epoch and (stop.signum is not None or
-                                               (cfg.ckpt_every_steps and done % cfg.ckpt_every_steps == 0)):
+                checkpoint_due = bool(cfg.ckpt_every_steps and done % cfg.ckpt_every_steps == 0)
+                signum = stop.signum
+                if dist.enabled:  # all processes must stop at the same step: they agree every few steps
+                    poll = done < steps_per_epoch and (checkpoint_due or done % ddp.STOP_POLL_STEPS == 0)
+                    signum = ddp.agreed_signal(dist, stop.signum) if poll else None
+                if done < steps_per_epoch and (signum is not None or checkpoint_due):
                     check_finite()
                     checkpoint(epoch, done, partial_state(done), train_seconds)
-                    if stop.signum is not None:
+                    if signum is not None:
                         bar.close()
-                        raise interrupted(stop.signum, run_dir, epoch, done)
+                        ddp.barrier(dist)  # rank 0 has written the checkpoint before anyone exits
+                        raise interrupted(signum, run_dir, epoch, done)
                 if not bar.disable and i % 10 == 0 and seen:
                     elapsed = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
@@ -546,6 +633,7 @@ def _train(cfg, setup: TrainingSetup, run_dir: Path, start_state, log, stop_afte
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             check_finite()
+            loss_sum, correct, seen = epoch_totals()
             epoch_seconds = seconds_before + time.perf_counter() - t0
             train_seconds += epoch_seconds
             if seen == 0:
@@ -558,32 +646,41 @@ def _train(cfg, setup: TrainingSetup, run_dir: Path, start_state, log, stop_afte
                    "epoch_seconds": epoch_seconds, "images_per_second": seen / epoch_seconds,
                    "skipped_steps": skipped}
             if last or (epoch + 1) % cfg.eval_every == 0:
-                result = evaluate(step_model, test_ds, device=device, amp_dtype=amp_dtype,
-                                  channels_last=cfg.channels_last)
+                ddp.broadcast_buffers(dist, model)
+                result = evaluate(eval_model, test_ds, device=device, amp_dtype=amp_dtype,
+                                  channels_last=cfg.channels_last, dist=dist)
                 row.update({k: result[k] for k in ("test_loss", "test_top1", "test_top5")})
             history.append(row)
-            append_metrics(run_dir / "metrics.jsonl", row)  # before the checkpoint: resume truncates extra rows
+            if dist.is_main:
+                append_metrics(run_dir / "metrics.jsonl", row)  # before the checkpoint: resume truncates extra rows
             tb.log_epoch(row)
             checkpoint(epoch + 1, 0, None, train_seconds)
             log(format_row({k: (float("nan") if v is None else v) for k, v in row.items()}))
             if cfg.compile and epoch == start_epoch and run_step.compile_seconds is not None:
                 log(f"torch.compile: {run_step.compile_seconds:.1f} s (extra time of the first step, included in "
                     f"epoch {epoch + 1}'s seconds)")
-            if stop.signum is not None:
-                raise interrupted(stop.signum, run_dir, epoch + 1, 0)
+            signum = ddp.agreed_signal(dist, stop.signum)  # also waits for rank 0's checkpoint
+            if signum is not None:
+                raise interrupted(signum, run_dir, epoch + 1, 0)
 
     tb.close()
     if end_epoch < cfg.epochs:
         log(f"stopped after epoch {end_epoch}; continue with `isoconv train --resume {run_dir}`")
         return None
     if result is None:  # resumed a run that had already finished: evaluate the final weights
-        result = evaluate(step_model, test_ds, device=device, amp_dtype=amp_dtype, channels_last=cfg.channels_last)
+        ddp.broadcast_buffers(dist, model)
+        result = evaluate(eval_model, test_ds, device=device, amp_dtype=amp_dtype, channels_last=cfg.channels_last,
+                          dist=dist)
+    if not dist.is_main:
+        return None
     fields, report = test_report(result, test_ds.classes)
     summary = {"run_dir": str(run_dir), "model": cfg.model, "recipe": cfg.recipe, "dataset": cfg.dataset,
                "epochs": cfg.epochs, "params": params, "train_seconds": train_seconds, "device": str(device),
                "amp": amp_name(amp_dtype), "torch": torch.__version__,
                "skipped_steps": sum(r.get("skipped_steps", 0) for r in history),
-               "compile_seconds": run_step.compile_seconds if cfg.compile else None, **fields}
+               "compile_seconds": run_step.compile_seconds if cfg.compile else None,
+               **({"processes": dist.world_size, "batch_per_process": cfg.batch_size // dist.world_size}
+                  if dist.enabled else {}), **fields}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "report.txt").write_text(report)
     log("")
