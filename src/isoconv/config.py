@@ -51,8 +51,8 @@ class TrainConfig:
     test_split: str = "full"  # full test set, or "half" (the seed's 5k half-split)
     # optimisation
     epochs: int = 25
-    batch_size: int = 512
-    lr_max: float = 0.01
+    batch_size: int = 512  # global: under torchrun each of W processes takes batch_size / W per step
+    lr_max: float = 0.01  # for the global batch, whatever the number of processes (never rescaled)
     schedule: str = "onecycle"
     warmup_epochs: float = 0.0
     wd: float = 0.01
@@ -77,7 +77,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (compile time reported separately)
-    sync_bn: bool = False  # SyncBatchNorm under DDP
+    sync_bn: bool = False  # BatchNorm statistics over the global batch under torchrun/DDP (no effect alone)
     seed: int = 0
     device: str = "auto"
     eval_every: int = 1

@@ -131,7 +131,11 @@ def process_group(device_name: str) -> Iterator[Dist]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    except ValueError as e:  # e.g. MASTER_ADDR missing: WORLD_SIZE was set by hand rather than by torchrun
+        raise ConfigError(f"cannot join the job of WORLD_SIZE={world.world_size} processes ({e}); start it with "
+                          f"torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT") from None
     ctx = Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=world.local_rank, device=device,
                backend=backend)
     failed = True
@@ -145,8 +149,12 @@ def process_group(device_name: str) -> Iterator[Dist]:
 
 
 def barrier(ctx: Dist) -> None:
-    if ctx.enabled:
-        dist.barrier(device_ids=[ctx.device.index]) if ctx.backend == "nccl" else dist.barrier()
+    if not ctx.enabled:
+        return
+    if ctx.backend == "nccl":
+        dist.barrier(device_ids=[ctx.device.index])  # without it NCCL guesses the device and warns
+    else:
+        dist.barrier()
 
 
 @contextmanager
@@ -171,8 +179,9 @@ def is_collective_failure(e: BaseException) -> bool:
     if any(s in text for s in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout",
                                "pair closure")):
         return True
-    files = [f.filename.replace("\\", "/") for f in traceback.extract_tb(e.__traceback__)]
-    return any("/distributed/" in f or f.endswith("/distributed.py") for f in files)
+    frames = traceback.extract_tb(e.__traceback__)
+    innermost = frames[-1].filename.replace("\\", "/") if frames else ""  # raised by a collective call itself
+    return "/distributed/" in innermost or innermost.endswith("/distributed.py")
 
 
 def lost_contact_message(ctx: Dist, e: BaseException, resume_hint: str) -> str:
