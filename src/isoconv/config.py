@@ -153,17 +153,24 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def recipe_path(name_or_file: str) -> Path:
+def shipped_or_file(name_or_file: str, folder: Path, shipped: list[str], *, file_kind: str, kind: str,
+                    listing: str) -> Path:
+    """A YAML file path (anything ending in .yaml/.yml, or an existing file) or the name of one shipped in
+    `folder`; otherwise a ConfigError naming the closest shipped names."""
     p = Path(name_or_file)
-    if p.suffix in (".yaml", ".yml"):
+    if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
-            raise ConfigError(f"recipe file {p} does not exist; pass a YAML file or one of: {', '.join(list_recipes())}")
+            raise ConfigError(f"{file_kind} {p} does not exist; pass a YAML file or one of: {', '.join(shipped)}")
         return p
-    p = RECIPE_DIR / f"{name_or_file}.yaml"
+    p = folder / f"{name_or_file}.yaml"
     if not p.is_file():
-        raise ConfigError(f"unknown recipe {name_or_file!r}{suggest(name_or_file, list_recipes())}; "
-                          f"`isoconv recipes` lists them")
+        raise ConfigError(f"unknown {kind} {name_or_file!r}{suggest(name_or_file, shipped)}; {listing}")
     return p
+
+
+def recipe_path(name_or_file: str) -> Path:
+    return shipped_or_file(name_or_file, RECIPE_DIR, list_recipes(), file_kind="recipe file", kind="recipe",
+                           listing="`isoconv recipes` lists them")
 
 
 def load_recipe(name_or_file: str) -> dict[str, Any]:

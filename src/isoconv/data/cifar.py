@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from .dataset import ImageDataset
-from .download import download_and_extract
+from .download import download_and_extract, folder_or_download
 from .images import resize_images
 
 # Reference trainer constants (per channel R, G, B on the [0, 1] scale).
@@ -202,14 +202,7 @@ def load_cifar10(root: Union[str, Path], train: bool, download: bool = True,
     Normalization stats are the reference trainer's constants; `image_size` resizes the images once here.
     """
     root = Path(root).expanduser()
-    folder = _find_folder(root)
-    if not folder.is_dir():
-        if not download:
-            raise UserError(
-                f"CIFAR-10 not found at {folder}; pass --data-dir DIR (the folder holding {CIFAR10_FOLDER}), "
-                f"set ISOCONV_DATA, or drop --no-download"
-            )
-        folder = download_cifar10(root)
+    folder = folder_or_download(_find_folder(root), download, "CIFAR-10", lambda: download_cifar10(root))
 
     files: Sequence[str] = CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES
     for name in (*files, CIFAR10_META_FILE):

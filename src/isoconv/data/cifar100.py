@@ -15,7 +15,7 @@ from ..errors import ConfigError, UserError
 from .cache import DatasetCache, cached_stats, file_listing
 from .cifar import read_batch, read_names, stack_batches
 from .dataset import ImageDataset
-from .download import download_and_extract
+from .download import download_and_extract, folder_or_download
 from .images import resize_images
 from .splits import Stats, channel_stats
 
@@ -58,12 +58,7 @@ def load_cifar100(root: Union[str, Path], train: bool, download: bool = True, la
     if label_type not in LABEL_TYPES:
         raise ConfigError(f"--label-type must be one of {', '.join(LABEL_TYPES)}, got {label_type!r}")
     root = Path(root).expanduser()
-    folder = _find_folder(root)
-    if not folder.is_dir():
-        if not download:
-            raise UserError(f"CIFAR-100 not found at {folder}; pass --data-dir DIR (the folder holding "
-                            f"{CIFAR100_FOLDER}), set ISOCONV_DATA, or drop --no-download")
-        folder = download_cifar100(root)
+    folder = folder_or_download(_find_folder(root), download, "CIFAR-100", lambda: download_cifar100(root))
     split = "train" if train else "test"
     for name in (split, CIFAR100_META_FILE):
         if not (folder / name).is_file():

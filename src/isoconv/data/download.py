@@ -160,3 +160,13 @@ def download_and_extract(url: str, md5: str, root: Path, folder: str, *, what: s
         archive.unlink(missing_ok=True)
         if extract_dir is not None:
             shutil.rmtree(extract_dir, ignore_errors=True)
+
+
+def folder_or_download(folder: Path, download: bool, dataset: str, fetch) -> Path:
+    """`folder` if it exists; else `fetch()` (which downloads and returns it), unless downloads are off."""
+    if folder.is_dir():
+        return folder
+    if not download:
+        raise UserError(f"{dataset} not found at {folder}; pass --data-dir DIR (the folder holding {folder.name}), "
+                        f"set ISOCONV_DATA, or drop --no-download")
+    return fetch()

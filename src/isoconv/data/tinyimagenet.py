@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple, Union
 from ..errors import UserError
 from .cache import DatasetCache, cached_stats, load_or_decode, split_key, warn
 from .dataset import ImageDataset
-from .download import download_and_extract
+from .download import download_and_extract, folder_or_download
 from .images import IMAGE_EXTENSIONS
 from .splits import Stats, channel_stats
 
@@ -155,12 +155,8 @@ def load_tiny_imagenet(root: Union[str, Path], split: str, download: bool = True
                        norm: Optional[Stats] = None) -> ImageDataset:
     """Load the train (500 per class) or test (= val, 10,000) split; `norm` replaces the computed statistics."""
     root = Path(root).expanduser()
-    folder = _find_folder(root)
-    if not folder.is_dir():
-        if not download:
-            raise UserError(f"Tiny ImageNet not found at {folder}; pass --data-dir DIR (the folder holding "
-                            f"{TINY_IMAGENET_FOLDER}), set ISOCONV_DATA, or drop --no-download")
-        folder = download_tiny_imagenet(root)
+    folder = folder_or_download(_find_folder(root), download, "Tiny ImageNet",
+                                lambda: download_tiny_imagenet(root))
     wnids = read_wnids(folder)
     classes = class_names(folder, wnids)
     if not (folder / "val" / "val_annotations.txt").is_file():  # checked for train too: fail before decoding

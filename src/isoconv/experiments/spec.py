@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import CONFIG_KEYS, TrainConfig, apply_overrides, load_recipe, suggest
+from ..config import CONFIG_KEYS, TrainConfig, apply_overrides, load_recipe, shipped_or_file, suggest
 from ..errors import ConfigError
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "ablations"
@@ -73,17 +73,9 @@ def list_specs() -> list[str]:
 
 
 def spec_path(name_or_file: str) -> Path:
-    p = Path(name_or_file)
-    if p.suffix in (".yaml", ".yml") or p.is_file():
-        if not p.is_file():
-            raise ConfigError(f"ablation spec {p} does not exist; pass a YAML file or one of: "
-                              f"{', '.join(list_specs())}")
-        return p
-    p = SPEC_DIR / f"{name_or_file}.yaml"
-    if not p.is_file():
-        raise ConfigError(f"unknown ablation spec {name_or_file!r}{suggest(name_or_file, list_specs())}; "
-                          f"shipped specs: {', '.join(list_specs())}")
-    return p
+    specs = list_specs()
+    return shipped_or_file(name_or_file, SPEC_DIR, specs, file_kind="ablation spec", kind="ablation spec",
+                           listing=f"shipped specs: {', '.join(specs)}")
 
 
 # ----------------------------------------------------------------------------- parsing
