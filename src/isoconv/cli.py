@@ -232,9 +232,9 @@ def cmd_train(args) -> int:
         if not Path(args.resume).is_dir():
             raise UserError(f"--resume {args.resume}: no such run directory; pass the folder a run wrote "
                             f"(it holds last.pt)")
-        stored = load_latest_checkpoint(Path(args.resume) / "last.pt", warn=lambda _: None)["config"]
-        cfg = build_config(None, **{**stored, **{k: v for k, v in overrides.items() if v is not None}})
-        train(cfg, resume=Path(args.resume))
+        state = load_latest_checkpoint(Path(args.resume) / "last.pt")
+        cfg = build_config(None, **{**state["config"], **{k: v for k, v in overrides.items() if v is not None}})
+        train(cfg, resume=Path(args.resume), resume_state=state)
         return 0
     recipe = args.recipe
     if recipe is None and overrides["model"] is None:

@@ -413,7 +413,10 @@ class StopSignals:
         return False
 
 
-def pause_for_tests(event: str, _counts: dict = {}) -> None:
+_PAUSE_COUNTS: dict[str, int] = {}  # occurrences of each event in this process, for pause_for_tests
+
+
+def pause_for_tests(event: str) -> None:
     """Crash tests set ISOCONV_TEST_PAUSE=event[@n] to freeze the n-th occurrence of an event (e.g. `step@5`,
     `checkpoint-write@2`) long enough to SIGKILL the process at exactly that point."""
     spec = os.environ.get("ISOCONV_TEST_PAUSE")
@@ -422,8 +425,8 @@ def pause_for_tests(event: str, _counts: dict = {}) -> None:
     name, _, nth = spec.partition("@")
     if name != event:
         return
-    _counts[event] = _counts.get(event, 0) + 1
-    if _counts[event] == int(nth or 1):
+    _PAUSE_COUNTS[event] = _PAUSE_COUNTS.get(event, 0) + 1
+    if _PAUSE_COUNTS[event] == int(nth or 1):
         print(f"ISOCONV_TEST_PAUSED {spec} rank={os.environ.get('RANK', 0)} pid={os.getpid()}", flush=True)
         time.sleep(float(os.environ.get("ISOCONV_TEST_PAUSE_SECONDS", "600")))
 
@@ -439,17 +442,18 @@ def nonfinite_message(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: 
 
 
 def train(cfg: TrainConfig, *, resume: Optional[Path] = None, log=print,
-          stop_after: Optional[int] = None) -> Optional[dict[str, Any]]:
+          stop_after: Optional[int] = None, resume_state: Optional[dict] = None) -> Optional[dict[str, Any]]:
     """Train (or resume) a run and return its summary; everything is also written to the run directory.
 
     stop_after=N stops after epoch N with a checkpoint but no summary (the run stays resumable).
+    resume_state: the checkpoint of `resume` when the caller has already loaded it (it is not read again).
     Under torchrun every process calls this (DDP); only rank 0 logs and writes files, the others return None.
     """
     ddp.check_batch_divides(cfg.batch_size, ddp.world_from_env().world_size)
     start_state = None
     if resume is not None:
         run_dir = Path(resume)
-        start_state = load_latest_checkpoint(run_dir / "last.pt")
+        start_state = resume_state or load_latest_checkpoint(run_dir / "last.pt")
         diffs = config_differences(start_state["config"], cfg.to_dict())
         if diffs:
             raise ConfigError(f"cannot resume {run_dir} with a different config ({'; '.join(diffs)}); "
