@@ -1,5 +1,7 @@
 import io
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,23 @@ def cifar100_root(data_root, tmp_path_factory) -> Path:
             b"coarse_label_names": [f"coarse{i:02d}".encode() for i in range(20)]}
     (folder / "meta").write_bytes(py2_pickle(meta))
     return folder.parent
+
+
+@contextmanager
+def captured_logs(name: str = "isoconv"):
+    """The messages isoconv logs (INFO and up) while the block runs, whatever the logging setup."""
+    lines: list[str] = []
+
+    class ListHandler(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger, handler = logging.getLogger(name), ListHandler(logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -7,6 +7,7 @@ wrapper, the recompiles and the state dict are the real ones), only the code gen
 import json
 
 import pytest
+from conftest import captured_logs
 import torch
 
 from isoconv import create_model
@@ -15,8 +16,10 @@ from isoconv.cli import main
 from isoconv.config import build_config
 from isoconv.errors import ConfigError
 from isoconv.models.flops import forward_flops
-from isoconv.train import load_checkpoint, train
-from isoconv.train.loop import build_optimizer, compile_model
+from isoconv.train import train
+from isoconv.weights import load_checkpoint
+from isoconv import runtime
+from isoconv.runtime import compile_model
 
 TINY = dict(model="cm-cpu", dim=16, depth=1, batch_size=8, workers=0, amp="off")
 
@@ -86,9 +89,9 @@ def test_bench_table_and_json_side_by_side(data_root, tmp_path, capsys):
 
 
 def test_bench_with_compile_reports_compile_time(data_root, monkeypatch):
-    monkeypatch.setenv("ISOCONV_COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", "eager")
     report = run_bench(tiny(data_root, train_subset=16, test_subset=8, compile=True), models=["cm-cpu"],
-                       amps=["off"], loaders=["device"], steps=1, warmup=2, windows=1, matmul_size=64, log=quiet)
+                       amps=["off"], loaders=["device"], steps=1, warmup=2, windows=1, matmul_size=64)
     (row,) = report["rows"]
     assert row["compile"] is True
     assert row["compile_seconds"] >= 0 and row["inference_compile_seconds"] >= 0
@@ -127,9 +130,9 @@ def test_time_to_accuracy_reports_the_first_epoch_at_the_threshold(data_root, tm
 
 
 def test_time_to_accuracy_that_is_never_reached(data_root, tmp_path):
-    logged = []
-    report = time_to_accuracy(tiny(data_root, train_subset=16, test_subset=16, epochs=1, out=str(tmp_path / "r")),
-                              1.0, json_path=tmp_path / "tta.json", log=logged.append)
+    with captured_logs() as logged:
+        report = time_to_accuracy(tiny(data_root, train_subset=16, test_subset=16, epochs=1,
+                                       out=str(tmp_path / "r")), 1.0, json_path=tmp_path / "tta.json")
     assert report["final_test_top1"] < 1.0  # a 2-step model
     assert report["reached"] is False
     assert report["epoch"] is None and report["train_seconds"] is None and report["wall_seconds"] is None
@@ -148,11 +151,11 @@ def test_time_to_accuracy_flags(capsys):
 # ----------------------------------------------------------------------------- --compile in training
 
 def test_compiled_training_matches_eager_and_saves_plain_keys(data_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("ISOCONV_COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", "eager")
     kw = dict(train_subset=16, test_subset=16, epochs=1)
-    plain = train(tiny(data_root, out=str(tmp_path / "plain"), **kw), log=quiet)
-    logged = []
-    compiled = train(tiny(data_root, out=str(tmp_path / "compiled"), compile=True, **kw), log=logged.append)
+    plain = train(tiny(data_root, out=str(tmp_path / "plain"), **kw))
+    with captured_logs() as logged:
+        compiled = train(tiny(data_root, out=str(tmp_path / "compiled"), compile=True, **kw))
     assert plain["compile_seconds"] is None and compiled["compile_seconds"] >= 0
     assert any(line.startswith("torch.compile: ") for line in logged)
     a = load_checkpoint(tmp_path / "plain" / "last.pt")["model"]
@@ -165,10 +168,10 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(data_root, tmp_pat
 
 def test_compile_errors_are_config_errors(monkeypatch):
     model = torch.nn.Linear(2, 2)
-    monkeypatch.setenv("ISOCONV_COMPILE_BACKEND", "no-such-backend")
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", "no-such-backend")
     with pytest.raises(ConfigError, match=r"--compile is not available here \(.*no-such-backend.*\); drop --compile"):
         compile_model(model, torch.device("cpu"))
-    monkeypatch.delenv("ISOCONV_COMPILE_BACKEND")
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", "inductor")
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", "")
     with pytest.raises(ConfigError, match="--compile on a CPU needs a C.. compiler"):

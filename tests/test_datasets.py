@@ -23,8 +23,8 @@ from isoconv.data import (channel_stats, half_split_indices, holdout_indices, lo
                           seeded_half)
 from isoconv.data.images import BadImageError, decode_image
 from isoconv.errors import ConfigError, UserError
-from isoconv.train.checkpoint import load_checkpoint
-from isoconv.train.loop import load_data
+from isoconv.weights.checkpoint import load_checkpoint
+from isoconv.data import load_data
 
 from conftest import CIFAR100_TEST, CIFAR100_TRAIN, py2_pickle
 

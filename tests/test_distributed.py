@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from isoconv.cli import TRAIN_FIELDS, build_parser
-from isoconv.config import build_config
+from isoconv.cli import build_parser
+from isoconv.config import build_config, settings_from_args
 from isoconv.data.loaders import batch_slices, shard_bounds
 from isoconv.errors import ConfigError
 from isoconv.eval.run import evaluate_target
 from isoconv.train import distributed as ddp
-from isoconv.train import load_checkpoint, train
+from isoconv.train import train
+from isoconv.weights import load_checkpoint
 
 WEIGHT_ATOL = 1e-3
 TEST_IMAGES = 1100  # three evaluation chunks of 500: two for rank 0, one (padded when gathered) for rank 1
@@ -41,21 +42,24 @@ def quiet(*_):
     pass
 
 
-def torchrun(args, env=None) -> subprocess.Popen:
+def torchrun(args, env=None, pause=None) -> subprocess.Popen:
+    """`torchrun --nproc-per-node 2 -m isoconv train ARGS`; with pause=(event, seconds) every process freezes at that
+    event (tests/pause_runner.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ISOCONV_DIST_TIMEOUT": "30", **(env or {})}
+    program = ["-m", "isoconv"] if pause is None else [str(Path(__file__).with_name("pause_runner.py")), *pause]
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "isoconv", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             *program, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
 
 
 def config_from_flags(flags, data_root, out):
     """The TrainConfig `isoconv train FLAGS` builds (for the in-process single-process references)."""
     args = build_parser().parse_args(["train", *flags, "--data-dir", str(data_root), "--out", str(out)])
-    return build_config(None, **{f: getattr(args, f) for f in TRAIN_FIELDS})
+    return build_config(None, **settings_from_args(args))
 
 
 def single_process_run(flags, data_root, out) -> Path:
-    train(config_from_flags(flags, data_root, out), log=quiet)
+    train(config_from_flags(flags, data_root, out))
     return out
 
 
@@ -107,7 +111,7 @@ def test_killed_rank_ends_the_job_and_the_run_resumes_in_one_process(data_root, 
     run, flags = tmp_path / "run", [*FLAGS, *TORCHVISION]
     # Both processes freeze briefly at their 7th step (epoch 2, after its step-2 checkpoint); rank 1 is killed there.
     p = torchrun([*flags, "--data-dir", str(data_root), "--out", str(run)],
-                 env={"ISOCONV_TEST_PAUSE": "step@7", "ISOCONV_TEST_PAUSE_SECONDS": "2"})
+                 pause=("step@7", "2"))
     try:
         seen = []
         for line in p.stdout:  # both ranks print this line; search, as lines of two processes may share a write
@@ -129,7 +133,7 @@ def test_killed_rank_ends_the_job_and_the_run_resumes_in_one_process(data_root, 
     assert not (run / "summary.json").exists()
 
     # The 2-process mid-epoch checkpoint continues in a single process and ends where a single process would have.
-    train(build_config(None, **state["config"]), resume=run, log=quiet)
+    train(build_config(None, **state["config"]), resume=run)
     reference = single_process_run(flags, data_root, tmp_path / "single")
     assert_same_weights(run, reference)
     assert [r["epoch"] for r in metrics(run)] == [1, 2]
@@ -143,7 +147,7 @@ def test_world_size_that_does_not_divide_the_batch_is_a_clear_error(data_root, t
     cfg = build_config(None, model="cm-cpu", batch_size=63, data_dir=str(data_root), out=str(tmp_path / "r"))
     with pytest.raises(ConfigError, match=r"--batch-size 63 is the global batch, split over the 2 processes .* "
                                           r"use a multiple of 2 \(e\.g\. 62\)"):
-        train(cfg, log=quiet)
+        train(cfg)
     assert not (tmp_path / "r").exists()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from isoconv.cli import main
-from isoconv.train.checkpoint import save_checkpoint
+from isoconv.weights.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "cm-cpu", "--dim", "16", "--depth", "1", "--epochs", "1", "--batch-size", "32",
@@ -124,12 +124,12 @@ def test_bad_input_gives_one_line_and_exit_2(name, tmp_path, data_root, capsys):
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tmp_path, data_root, capsys, monkeypatch):
-    import isoconv.train.loop as loop
+    from isoconv.train.step import TrainStep
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(loop, "train_step", oom)
+    monkeypatch.setattr(TrainStep, "__call__", oom)
     assert main(["train", *TINY, "--data-dir", str(data_root), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "isoconv: error: out of memory at batch size 32; lower --batch-size"

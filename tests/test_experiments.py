@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from conftest import captured_logs
 import yaml
 
 from isoconv.cli import main
@@ -14,7 +15,7 @@ from isoconv.errors import ConfigError, UserError
 from isoconv.experiments import list_specs, load_spec, run_ablation
 from isoconv.experiments.ablate import format_command
 from isoconv.experiments.cli import parse_set
-from isoconv.experiments.tensorboard import open_tensorboard
+from isoconv.train.tensorboard import open_tensorboard
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -133,11 +134,12 @@ def sweep(data_root, tmp_path_factory):
         "variants": [{"name": "relu", "activation": "relu"},
                      {"name": "gelu", "activation": "gelu", "published": {"test_top1": 0.5, "source": "a test"}}]})
     out = root / "out"
-    logs = []
     overrides = {"data_dir": str(data_root), "tensorboard": True}
-    run_ablation(str(spec), out=out, overrides=overrides, log=logs.append, stop_after=1, plots=False)
-    interrupted = {p.parent.relative_to(out).as_posix(): p.read_text() for p in out.glob("*/seed*/metrics.jsonl")}
-    run_ablation(str(spec), out=out, overrides=overrides, log=logs.append, plots=False)  # report test plots
+    with captured_logs() as logs:
+        run_ablation(str(spec), out=out, overrides=overrides, stop_after=1, plots=False)
+        interrupted = {p.parent.relative_to(out).as_posix(): p.read_text()
+                       for p in out.glob("*/seed*/metrics.jsonl")}
+        run_ablation(str(spec), out=out, overrides=overrides, plots=False)  # report test plots
     return {"spec": spec, "out": out, "logs": logs, "interrupted": interrupted, "overrides": overrides}
 
 
@@ -200,12 +202,12 @@ def test_interrupted_runs_are_resumed_not_restarted(sweep):
 def test_finished_runs_are_skipped_and_changed_settings_refused(sweep):
     out, spec = sweep["out"], sweep["spec"]
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/summary.json")}
-    logs = []
-    run_ablation(str(spec), out=out, overrides=sweep["overrides"], log=logs.append, plots=False)
+    with captured_logs() as logs:
+        run_ablation(str(spec), out=out, overrides=sweep["overrides"], plots=False)
     assert any("4 finished (skipped), 0 to resume, 0 to start" in line for line in logs)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/summary.json")} == stamps
     with pytest.raises(UserError, match=r"holds a run with other settings \(epochs: 2 -> 3"):
-        run_ablation(str(spec), out=out, overrides={**sweep["overrides"], "epochs": 3}, log=quiet)
+        run_ablation(str(spec), out=out, overrides={**sweep["overrides"], "epochs": 3})
 
 
 def svg_ok(path: Path) -> bool:

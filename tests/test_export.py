@@ -14,8 +14,8 @@ from isoconv.config import build_config
 from isoconv.errors import UserError
 from isoconv.interop.export import MATCH_TOLERANCE, export_model, export_target, write_atomically
 from isoconv.interop.load import model_format, read_model
-from isoconv.interop.meta import META_KEY, ModelMeta
-from isoconv.train.checkpoint import save_checkpoint
+from isoconv.weights.meta import META_KEY, ModelMeta
+from isoconv.weights.checkpoint import save_checkpoint
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from isoconv.cli import main
-from isoconv.train.checkpoint import load_checkpoint
+from isoconv.weights.checkpoint import load_checkpoint
 
 # flag -> (valid values, invalid values); None means "leave the flag out". Each flag is invalid now and then,
 # so most examples train and the rest probe one or two bad values at a time.

@@ -16,7 +16,7 @@ from isoconv.data import load_dataset
 from isoconv.errors import UserError
 from isoconv.interop.export import export_target
 from isoconv.interop.preprocess import collect_image_paths
-from isoconv.train.checkpoint import save_checkpoint
+from isoconv.weights.checkpoint import save_checkpoint
 from isoconv.train.loop import train
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -190,7 +190,7 @@ def test_load_reproduces_the_runs_evaluation(data_root, tmp_path):
     """A really trained run: isoconv.load + its preprocessing give the run's own test accuracy and logits."""
     cfg = build_config(model="cm-cpu", dim=16, depth=1, epochs=1, train_subset=64, test_subset=32, batch_size=32,
                        data_dir=str(data_root), out=str(tmp_path / "run"), amp="off")
-    summary = train(cfg, log=lambda *a: None)
+    summary = train(cfg)
     model, preprocess = isoconv.load(tmp_path / "run")
     assert not model.training
     test = load_dataset("cifar10", data_root, "test").subset(32)

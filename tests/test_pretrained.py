@@ -13,9 +13,9 @@ import isoconv
 from isoconv.config import build_config
 from isoconv.errors import UserError
 from isoconv.interop.export import export_target
-from isoconv.interop.pretrained import load_pretrained_into
-from isoconv.train.checkpoint import save_checkpoint
-from isoconv.train.loop import build_training
+from isoconv.weights.pretrained import load_pretrained_into
+from isoconv.weights.checkpoint import save_checkpoint
+from isoconv.train.setup import build_training
 
 
 def randomise(model: nn.Module, seed: int) -> nn.Module:
@@ -165,7 +165,7 @@ def test_timm_convmixer_loads_unchanged(tmp_path):
     theirs = randomise(TimmConvMixer(dim=16, depth=3, kernel_size=5, patch_size=4, num_classes=10,
                                      act_layer=nn.ReLU), seed=1)
     ours = isoconv.create_model("cm-cpu", dim=16, depth=3)
-    report = load_pretrained_into(ours, save(theirs.state_dict(), tmp_path / "timm.pth"), log=None)
+    report = load_pretrained_into(ours, save(theirs.state_dict(), tmp_path / "timm.pth"))
     assert same_outputs(ours, theirs) == 0.0
     assert report.loaded == list(ours.state_dict()) and report.converted == []
     assert report.reinitialised == [] and report.ignored == []
@@ -176,7 +176,7 @@ def test_timm_convnext_loads_with_renamed_keys(tmp_path, conv_mlp):
     theirs = randomise(TimmConvNeXt(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), patch_size=1, num_classes=10,
                                     conv_mlp=conv_mlp), seed=2)
     ours = isoconv.create_model("convnext-cifar", depths=[1, 1, 2, 1], dims=[8, 16, 24, 32])
-    report = load_pretrained_into(ours, save({"state_dict": theirs.state_dict()}, tmp_path / "timm.pth"), log=None)
+    report = load_pretrained_into(ours, save({"state_dict": theirs.state_dict()}, tmp_path / "timm.pth"))
     assert same_outputs(ours, theirs) < 1e-5
     assert ("stages.2.blocks.1.mlp.fc1.weight", "stages.2.blocks.1.fc1.weight") in report.converted
     assert ("head.norm.weight", "head_norm.weight") in report.converted
@@ -188,7 +188,7 @@ def test_timm_convnext_loads_with_renamed_keys(tmp_path, conv_mlp):
 def test_original_flat_convmixer_loads(tmp_path):
     theirs = randomise(paper_convmixer(dim=16, depth=3, kernel_size=5, patch_size=2, n_classes=10), seed=3)
     ours = isoconv.create_model("cm-vanilla", dim=16, depth=3)
-    report = load_pretrained_into(ours, save(theirs.state_dict(), tmp_path / "paper.pth"), log=None)
+    report = load_pretrained_into(ours, save(theirs.state_dict(), tmp_path / "paper.pth"))
     assert same_outputs(ours, theirs) < 1e-6
     converted = dict(report.converted)
     assert converted["0.weight"] == "stem.0.weight" and converted["2.running_var"] == "stem.2.running_var"
@@ -200,7 +200,7 @@ def test_original_flat_convmixer_loads(tmp_path):
 def test_original_facebook_convnext_loads(tmp_path):
     theirs = randomise(FacebookConvNeXt(depths=[1, 2, 1], dims=[8, 12, 16], patch=2, num_classes=10), seed=4)
     ours = isoconv.create_model("convnext-cifar", depths=[1, 2, 1], dims=[8, 12, 16], patch_size=2)
-    report = load_pretrained_into(ours, save({"model": theirs.state_dict()}, tmp_path / "fb.pth"), log=None)
+    report = load_pretrained_into(ours, save({"model": theirs.state_dict()}, tmp_path / "fb.pth"))
     assert same_outputs(ours, theirs) < 1e-5
     converted = dict(report.converted)
     assert converted["downsample_layers.0.0.weight"] == "stem.0.weight"
@@ -214,7 +214,7 @@ def test_original_facebook_convnext_loads(tmp_path):
 def test_simple_convnext_seed_layout_loads(tmp_path):
     theirs = randomise(SeedConvNeXt(depths=[2, 1], dims=[8, 16], patch=1, num_classes=10), seed=5)
     ours = isoconv.create_model("convnext-cifar", depths=[2, 1], dims=[8, 16])
-    report = load_pretrained_into(ours, save(theirs.state_dict(), tmp_path / "seed.pth"), log=None)
+    report = load_pretrained_into(ours, save(theirs.state_dict(), tmp_path / "seed.pth"))
     assert same_outputs(ours, theirs) < 1e-5
     converted = dict(report.converted)
     assert converted["stage_layers.0.blocks.1.block.3.weight"] == "stages.0.blocks.1.fc1.weight"
@@ -236,7 +236,7 @@ def test_isoconv_run_dir_and_its_safetensors_export_load(tmp_path):
     source = make_isoconv_run(tmp_path / "run")
     for path in (tmp_path / "run", export_target(tmp_path / "run", "safetensors").path):
         ours = isoconv.create_model("cm-cpu", dim=16, depth=2)
-        report = load_pretrained_into(ours, path, log=None)
+        report = load_pretrained_into(ours, path)
         assert same_outputs(ours, source, image_size=32) == 0.0
         assert report.loaded == list(ours.state_dict()) and "isoconv" in report.layout
 
@@ -244,7 +244,7 @@ def test_isoconv_run_dir_and_its_safetensors_export_load(tmp_path):
 def test_parameter_free_differences_are_noted(tmp_path):
     make_isoconv_run(tmp_path / "run", activation="gelu")
     ours = isoconv.create_model("cm-cpu", dim=16, depth=2)  # ReLU
-    report = load_pretrained_into(ours, tmp_path / "run", log=None)
+    report = load_pretrained_into(ours, tmp_path / "run")
     assert "the weights were trained with activation 'gelu', this model uses 'relu'" in report.notes
 
 
@@ -276,28 +276,28 @@ def test_mismatched_architecture_is_a_clear_error(tmp_path, overrides, expected)
     theirs = TimmConvMixer(dim=16, depth=2, kernel_size=5, patch_size=4, num_classes=10)
     path = save(theirs.state_dict(), tmp_path / "w.pth")
     with pytest.raises(UserError, match=expected):
-        load_pretrained_into(isoconv.create_model("cm-cpu", **overrides), path, log=None)
+        load_pretrained_into(isoconv.create_model("cm-cpu", **overrides), path)
 
 
 def test_wrong_family_unknown_layout_and_bad_files_are_clear_errors(tmp_path):
     convnext = TimmConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_classes=10)
     path = save(convnext.state_dict(), tmp_path / "convnext.pth")
     with pytest.raises(UserError, match="holds convnext weights .timm ConvNeXt layout. but the model is a convmixer"):
-        load_pretrained_into(isoconv.create_model("cm-cpu", dim=8, depth=1), path, log=None)
+        load_pretrained_into(isoconv.create_model("cm-cpu", dim=8, depth=1), path)
     resnet = save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, tmp_path / "r.pth")
     with pytest.raises(UserError, match=re.escape("unrecognised weight names (first: conv1.weight, fc.weight)")):
-        load_pretrained_into(isoconv.create_model("cm-cpu"), resnet, log=None)
+        load_pretrained_into(isoconv.create_model("cm-cpu"), resnet)
     torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # a whole module, not a state dict
     with pytest.raises(UserError, match="refusing to load .*pickled.pth"):
-        load_pretrained_into(isoconv.create_model("cm-cpu"), tmp_path / "pickled.pth", log=None)
+        load_pretrained_into(isoconv.create_model("cm-cpu"), tmp_path / "pickled.pth")
     (tmp_path / "garbage.pth").write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="cannot read .*garbage.pth as a PyTorch weights file"):
-        load_pretrained_into(isoconv.create_model("cm-cpu"), tmp_path / "garbage.pth", log=None)
+        load_pretrained_into(isoconv.create_model("cm-cpu"), tmp_path / "garbage.pth")
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     with pytest.raises(UserError, match="an exported onnx model cannot seed training"):
-        load_pretrained_into(isoconv.create_model("cm-cpu"), tmp_path / "model.onnx", log=None)
+        load_pretrained_into(isoconv.create_model("cm-cpu"), tmp_path / "model.onnx")
     with pytest.raises(UserError, match="missing.pth does not exist"):
-        load_pretrained_into(isoconv.create_model("cm-cpu"), tmp_path / "missing.pth", log=None)
+        load_pretrained_into(isoconv.create_model("cm-cpu"), tmp_path / "missing.pth")
 
 
 def test_training_starts_from_pretrained_weights(data_root, tmp_path, capsys):

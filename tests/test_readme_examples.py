@@ -36,7 +36,7 @@ def workdir(tmp_path_factory, data_root) -> Path:
     root = tmp_path_factory.mktemp("readme")
     cfg = build_config(model="cm-cpu", dim=16, depth=1, epochs=1, train_subset=64, test_subset=32, batch_size=32,
                        data_dir=str(data_root), out=str(root / "runs" / "my-run"), amp="off")
-    train(cfg, log=lambda *a: None)
+    train(cfg)
     test = load_dataset("cifar10", data_root, "test").subset(100)
     (root / "photos").mkdir()
     (root / "more").mkdir()

@@ -14,11 +14,14 @@ same way on forward passes in eval mode over one fixed batch. Beside each rate:
 
 Time to accuracy (`time_to_accuracy`): trains a config with `isoconv.train.loop.train` and reports when test
 top-1 first reached a threshold, in training seconds and in wall seconds since the start.
+
+The training rows time the very step `train` runs (`Training.step`, built by `build_training`), and every
+timing goes through `torch.utils.benchmark.Timer` (device work included, at the process's thread count).
 """
 from __future__ import annotations
 
 import json
-import math
+import logging
 import platform
 import statistics
 import time
@@ -30,29 +33,29 @@ import torch
 
 from .config import TrainConfig
 from .errors import ConfigError
+from .fileio import atomic_write
+from .models import build_model
 from .models.flops import forward_flops
-from .train.loop import (CompileTimer, amp_name, autocast, build_model, build_training, format_row, read_metrics,
-                         resolve_amp, resolve_device, train, train_step)
+from .rundir import RunDir
+from .runtime import PRECISIONS, autocast, cpu_name, resolve_device, resolve_precision
+from .train.loop import format_row, train
+from .train.setup import Training, build_training
 
-AMP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+log = logging.getLogger(__name__)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
+def timed(fn: Callable[[], Any]) -> float:
     """Seconds one call of fn takes, device work included."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
+    # imported here, not at the top: torch.utils.benchmark loads torch.utils.cpp_extension, which warns about the
+    # CUDA toolkit on machines without one, and every `isoconv` command imports this module
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(1).median
 
 
-def median_seconds(fn: Callable[[], Any], windows: int, device: torch.device) -> float:
-    return statistics.median(timed(fn, device) for _ in range(windows))
+def median_seconds(fn: Callable[[], Any], windows: int) -> float:
+    return statistics.median(timed(fn) for _ in range(windows))
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -67,24 +70,17 @@ def matmul_gflops(device: torch.device, amp: str, size: Optional[int] = None, re
     instructions does). fp32 on a GPU uses whatever torch.backends allow (TF32 is off by default)."""
     size = size or default_matmul_size(device)
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, generator=gen).to(AMP_DTYPES[amp])
-    b = torch.randn(size, size, device=device, generator=gen).to(AMP_DTYPES[amp])
-    if timed(lambda: a @ b, device) > 0.5:
+    dtype = PRECISIONS[amp] or torch.float32
+    a = torch.randn(size, size, device=device, generator=gen).to(dtype)
+    b = torch.randn(size, size, device=device, generator=gen).to(dtype)
+    if timed(lambda: a @ b) > 0.5:
         repeats = 1
-    seconds = median_seconds(lambda: a @ b, repeats, device)
+    seconds = median_seconds(lambda: a @ b, repeats)
     return 2 * size ** 3 / seconds / 1e9
 
 
 def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -110,70 +106,66 @@ class Batches:
             return next(self.it)
 
 
-def training_rate(setup, cfg: TrainConfig, step, *, steps: int, warmup: int, windows: int) -> float:
+def training_rate(t: Training, *, steps: int, warmup: int, windows: int) -> float:
     """Training images/s: the median of `windows` windows of `steps` real steps, after `warmup` untimed ones."""
-    model, batches = setup.step_model, Batches(setup.loader)
+    batches = Batches(t.loader)
 
     def train_steps(n: int) -> None:
-        model.train()
+        t.step.model.train()
         for _ in range(n):
-            x, y = batches.next()
-            step(model, setup.optimizer, setup.scaler, setup.mix, x, y, cfg, setup.generator, setup.device,
-                 setup.amp_dtype)
+            t.step(*batches.next())
 
     train_steps(warmup)
-    return steps * cfg.batch_size / median_seconds(lambda: train_steps(steps), windows, setup.device)
+    return steps * t.cfg.batch_size / median_seconds(lambda: train_steps(steps), windows)
 
 
-def inference_rate(setup, cfg: TrainConfig, *, steps: int, warmup: int, windows: int) -> tuple[float, float]:
+def inference_rate(t: Training, *, steps: int, warmup: int, windows: int) -> tuple[float, float]:
     """(inference images/s on one fixed batch in eval mode, seconds of the very first call)."""
-    model, device, size = setup.step_model, setup.device, setup.train_ds.image_size
-    x = torch.randn(cfg.batch_size, 3, size, size, device=device)
-    if cfg.channels_last:
+    model, device, size, batch = t.step.model, t.device, t.train_ds.image_size, t.cfg.batch_size
+    x = torch.randn(batch, 3, size, size, device=device)
+    if t.cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def infer(n: int) -> None:
         model.eval()
         for _ in range(n):
-            with autocast(device, setup.amp_dtype):
+            with autocast(device, t.precision):
                 model(x)
 
-    first_call = timed(lambda: infer(1), device)
+    first_call = timed(lambda: infer(1))
     infer(max(warmup - 1, 0))
-    return steps * cfg.batch_size / median_seconds(lambda: infer(steps), windows, device), first_call
+    return steps * batch / median_seconds(lambda: infer(steps), windows), first_call
 
 
-def full_epoch_seconds(setup, cfg: TrainConfig, step) -> float:
+def full_epoch_seconds(t: Training) -> float:
     """Wall time of one real training epoch over the whole (sub)set, as train() runs it."""
     def one_epoch() -> None:
-        setup.step_model.train()
-        for x, y in setup.loader:
-            step(setup.step_model, setup.optimizer, setup.scaler, setup.mix, x, y, cfg, setup.generator,
-                 setup.device, setup.amp_dtype)
-    return timed(one_epoch, setup.device)
+        t.step.model.train()
+        for x, y in t.loader:
+            t.step(x, y)
+    return timed(one_epoch)
 
 
 def bench_one(cfg: TrainConfig, *, steps: int, warmup: int, windows: int, full_epoch: bool = False) -> dict[str, Any]:
     """One row: training and inference images/s for cfg (model, loader, amp, batch size) and what follows."""
     if cfg.compile:  # every row compiles from scratch: its own compile time, and no recompile limit reached
         torch._dynamo.reset()
-    setup = build_training(cfg)
-    for group in setup.optimizer.param_groups:
+    t = build_training(cfg)
+    for group in t.optimizer.param_groups:
         group["lr"] = cfg.lr_max / 10
-    step = CompileTimer(train_step, setup.device) if cfg.compile else train_step
-    train_rate = training_rate(setup, cfg, step, steps=steps, warmup=warmup, windows=windows)
-    infer_rate, first_inference = inference_rate(setup, cfg, steps=steps, warmup=warmup, windows=windows)
-    epoch_seconds = full_epoch_seconds(setup, cfg, step) if full_epoch else None
-    flops = forward_flops(setup.model, setup.train_ds.image_size)
-    n = len(setup.train_ds)
-    return {"model": cfg.model, "loader": cfg.loader, "amp": amp_name(setup.amp_dtype), "batch_size": cfg.batch_size,
-            "channels_last": cfg.channels_last, "compile": cfg.compile, "device": str(setup.device),
+    train_rate = training_rate(t, steps=steps, warmup=warmup, windows=windows)
+    infer_rate, first_inference = inference_rate(t, steps=steps, warmup=warmup, windows=windows)
+    epoch_seconds = full_epoch_seconds(t) if full_epoch else None
+    flops = forward_flops(t.model, t.train_ds.image_size)
+    n = len(t.train_ds)
+    return {"model": cfg.model, "loader": cfg.loader, "amp": t.precision, "batch_size": cfg.batch_size,
+            "channels_last": cfg.channels_last, "compile": cfg.compile, "device": str(t.device),
             "train_images": n, "train_images_per_second": train_rate, "inference_images_per_second": infer_rate,
             "epoch_seconds_estimate": n / train_rate, "epoch_seconds": epoch_seconds,
             "forward_flops_per_image": flops, "train_gflops_per_second": 3 * flops * train_rate / 1e9,
             "inference_gflops_per_second": flops * infer_rate / 1e9,
-            "compile_seconds": step.compile_seconds if cfg.compile else None,
+            "compile_seconds": t.step.compile_seconds,
             "inference_compile_seconds": (max(0.0, first_inference - cfg.batch_size / infer_rate) if cfg.compile
                                           else None)}
 
@@ -229,33 +221,33 @@ def bench_configs(cfg: TrainConfig, models: list[str], amps: list[str], loaders:
 
 def run_bench(cfg: TrainConfig, *, models: list[str], amps: list[str], loaders: list[str], steps: int = 5,
               warmup: int = 2, windows: int = 3, full_epoch: bool = False, matmul_size: Optional[int] = None,
-              json_path: Optional[Path] = None, log=print) -> dict[str, Any]:
+              json_path: Optional[Path] = None) -> dict[str, Any]:
     """Every model x loader x precision; returns (and writes as JSON) {"machine": ..., "rows": [...]}."""
     for name, value, least in (("--steps", steps, 1), ("--windows", windows, 1), ("--warmup", warmup, 0)):
         if value < least:
             raise ConfigError(f"{name} must be at least {least}, got {value}")
     configs = bench_configs(cfg, models, amps, loaders)
     device = resolve_device(cfg.device)
-    precisions = sorted({amp_name(resolve_amp(c.amp, device)) for c in configs}, key=list(AMP_DTYPES).index)
+    precisions = sorted({resolve_precision(c.amp, device) for c in configs}, key=list(PRECISIONS).index)
     size = matmul_size or default_matmul_size(device)
     matmul = {p: matmul_gflops(device, p, size) for p in precisions}
     machine = {**machine_info(device), "matmul_size": size, "matmul_gflops": matmul}
-    log(f"{machine['device']} ({machine['device_name']}), {machine['threads']} threads, torch {machine['torch']}; "
+    log.info(f"{machine['device']} ({machine['device_name']}), {machine['threads']} threads, torch {machine['torch']}; "
         f"{size}x{size} matmul: " + ", ".join(f"{p} {g:.3g} GFLOP/s" for p, g in matmul.items()))
     rows = []
     for c in configs:
         row = bench_one(c, steps=steps, warmup=warmup, windows=windows, full_epoch=full_epoch)
         rows.append(row)
-        log(f"  {row['model']} {row['loader']} {row['amp']}: train {row['train_images_per_second']:.1f} img/s, "
+        log.info(f"  {row['model']} {row['loader']} {row['amp']}: train {row['train_images_per_second']:.1f} img/s, "
             f"inference {row['inference_images_per_second']:.1f} img/s")
     add_comparisons(rows, matmul)
-    log(table_header())
+    log.info(table_header())
     for row in rows:
-        log(table_row(row))
+        log.info(table_row(row))
     report = {"mode": "throughput", "machine": machine, "steps": steps, "warmup": warmup, "windows": windows,
               "rows": rows}
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2))
+        atomic_write(json_path, json.dumps(report, indent=2))
     return report
 
 
@@ -266,14 +258,24 @@ def epoch_timeline(rows: list[dict], logged_at: dict[str, float]) -> list[dict[s
     out, train_seconds = [], 0.0
     for r in rows:
         train_seconds += r["epoch_seconds"]
-        line = format_row({k: (math.nan if v is None else v) for k, v in r.items()})
+        line = format_row(r)
         out.append({"epoch": r["epoch"], "test_top1": r["test_top1"], "train_seconds": train_seconds,
                     "wall_seconds": logged_at.get(line)})
     return out
 
 
-def time_to_accuracy(cfg: TrainConfig, threshold: float, *, json_path: Optional[Path] = None,
-                     log=print) -> dict[str, Any]:
+class LineClock(logging.Handler):
+    """Notes when each training log line was emitted (seconds since t0): an epoch's row marks its end."""
+
+    def __init__(self, t0: float):
+        super().__init__(logging.INFO)
+        self.t0, self.logged_at = t0, {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.logged_at.setdefault(record.getMessage(), time.perf_counter() - self.t0)
+
+
+def time_to_accuracy(cfg: TrainConfig, threshold: float, *, json_path: Optional[Path] = None) -> dict[str, Any]:
     """Train cfg and report when test top-1 (a fraction) first reached `threshold`.
 
     wall_seconds counts from the call (data loading, model building, compilation, evaluation and checkpoints
@@ -282,16 +284,19 @@ def time_to_accuracy(cfg: TrainConfig, threshold: float, *, json_path: Optional[
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--time-to-accuracy {threshold} is not a top-1 fraction in [0, 1]; "
                           f"write 0.925 for 92.5%")
-    logged_at: dict[str, float] = {}
     t0 = time.perf_counter()
-
-    def timed_log(message: str = "") -> None:
-        logged_at.setdefault(message, time.perf_counter() - t0)
-        log(message)
-
-    summary = train(cfg, log=timed_log)
+    clock = LineClock(t0)
+    train_log = logging.getLogger("isoconv.train")
+    level = train_log.level
+    train_log.addHandler(clock)
+    train_log.setLevel(logging.INFO)  # the epoch rows are INFO records, whatever the caller's logging setup
+    try:
+        summary = train(cfg)
+    finally:
+        train_log.removeHandler(clock)
+        train_log.setLevel(level)
     total_wall = time.perf_counter() - t0
-    timeline = epoch_timeline(read_metrics(Path(summary["run_dir"]) / "metrics.jsonl"), logged_at)
+    timeline = epoch_timeline(RunDir(summary["run_dir"]).read_metrics(), clock.logged_at)
     hit = next((e for e in timeline if e["test_top1"] is not None and e["test_top1"] >= threshold), None)
     report = {"mode": "time-to-accuracy", "threshold": threshold, "reached": hit is not None,
               "epoch": hit and hit["epoch"], "test_top1": hit and hit["test_top1"],
@@ -303,13 +308,13 @@ def time_to_accuracy(cfg: TrainConfig, threshold: float, *, json_path: Optional[
               "machine": machine_info(resolve_device(cfg.device)), "timeline": timeline}
     if hit:
         wall = _fmt(hit["wall_seconds"], ".1f", "?")
-        log(f"time to {threshold:.2%} test top-1: epoch {hit['epoch']} ({hit['test_top1']:.2%}), "
+        log.info(f"time to {threshold:.2%} test top-1: epoch {hit['epoch']} ({hit['test_top1']:.2%}), "
             f"{hit['train_seconds']:.1f} s of training, {wall} s wall (data loading, compilation and "
             f"evaluation included)")
     else:
         best = max((e["test_top1"] for e in timeline if e["test_top1"] is not None), default=None)
-        log(f"test top-1 never reached {threshold:.2%} in {cfg.epochs} epochs (best {_fmt(best, '.2%')}, "
+        log.info(f"test top-1 never reached {threshold:.2%} in {cfg.epochs} epochs (best {_fmt(best, '.2%')}, "
             f"{summary['train_seconds']:.1f} s of training)")
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2))
+        atomic_write(json_path, json.dumps(report, indent=2))
     return report

@@ -1,98 +1,32 @@
-"""The `isoconv` command line: models, recipes, train, eval."""
+"""The `isoconv` command line: models, recipes, train, eval, bench, ablate, report, predict, export.
+
+The training flags are generated from TrainConfig's field metadata (`isoconv.config.add_setting_flags`).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import (AMP_CHOICES, DATASET_CHOICES, LABEL_TYPE_CHOICES, LOADER_CHOICES, SCHEDULE_CHOICES,
-                     TEST_SPLIT_CHOICES, build_config, list_recipes, load_recipe)
-from .errors import UserError
+import torch
+
+from .bench import run_bench, time_to_accuracy
+from .config import add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
+from .errors import Interrupted, UserError
+from .eval.run import evaluate_target
+from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
+from .interop.export import MATCH_TOLERANCE, export_target
+from .interop.predict import format_csv, format_json, format_table, predict_files
+from .models import list_models, model_info
+from .rundir import RunDir
+from .train import train
+from .weights import load_latest_checkpoint
 
 CPU_RECIPE = "cpu-quick"
 GPU_RECIPE = "convmixer-cifar10-25ep"
-
-
-def add_train_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="model preset (see `isoconv models`)")
-    g.add_argument("--activation", choices=["gelu", "relu", "silu", "leaky_relu"])
-    g.add_argument("--dim", type=int)
-    g.add_argument("--depth", type=int)
-    g.add_argument("--patch", type=int, help="patch size")
-    g.add_argument("--kernel", type=int, help="depthwise kernel size")
-    g.add_argument("--skip-period", type=int, help="ConvMixer-XL inter-block skip groups (0 = none)")
-    g.add_argument("--drop-path", type=float, help="ConvNeXt stochastic depth rate")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASET_CHOICES)
-    g.add_argument("--data-dir", help="folder holding the dataset (cifar-10-batches-py, cifar-100-python, "
-                   "tiny-imagenet-200; for --dataset folder the folder with train/ and val/); "
-                   "default $ISOCONV_DATA or ~/.cache/isoconv")
-    g.add_argument("--label-type", choices=LABEL_TYPE_CHOICES, help="CIFAR-100 fine (100) or coarse (20) labels")
-    g.add_argument("--image-size", type=int, help="resize images to this size once at decode time")
-    g.add_argument("--val-split", type=float, help="folder dataset without val/: hold out this fraction")
-    g.add_argument("--skip-bad-images", action="store_const", const=True,
-                   help="skip and count unreadable images instead of failing")
-    g.add_argument("--test-split", choices=TEST_SPLIT_CHOICES, help="full test set or the seed's 5k half")
-    g.add_argument("--no-download", dest="download", action="store_const", const=False,
-                   help="fail instead of downloading missing data")
-    g.add_argument("--train-subset", type=int, help="train on the first N training images")
-    g.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
-    g.add_argument("--loader", choices=LOADER_CHOICES)
-    g.add_argument("--workers", type=int, help="loader workers (torchvision loader)")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr-max", type=float)
-    g.add_argument("--schedule", choices=SCHEDULE_CHOICES)
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up (cosine schedule)")
-    g.add_argument("--wd", type=float, help="AdamW weight decay")
-    g.add_argument("--opt-eps", type=float, help="AdamW epsilon")
-    g.add_argument("--clip-norm", type=float, help="clip the gradient norm to this value")
-    g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--pretrained", metavar="PATH", help="initial weights: an isoconv run/checkpoint, a timm or "
-                   "original-layout state dict")
-
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--no-aug", action="store_const", const=True, help="normalize only")
-    g.add_argument("--scale", type=float, help="RandomResizedCrop lower scale bound (1 = no crop)")
-    g.add_argument("--translate", type=int, help="random translation up to N pixels (RandomCrop with zero padding N)")
-    g.add_argument("--no-hflip", dest="hflip", action="store_const", const=False)
-    g.add_argument("--ra-n", type=int, help="RandAugment ops per image (0 = off)")
-    g.add_argument("--ra-m", type=int, help="RandAugment magnitude, 0..30")
-    g.add_argument("--jitter", type=float, help="ColorJitter brightness/contrast/saturation")
-    g.add_argument("--reprob", type=float, help="RandomErasing probability")
-    g.add_argument("--mixup", type=float, help="Mixup alpha (0 = off)")
-    g.add_argument("--cutmix", type=float, help="CutMix alpha (0 = off)")
-    g.add_argument("--mix-prob", type=float, help="probability of mixing a batch")
-    g.add_argument("--mix-switch-prob", type=float, help="probability of CutMix when both are on")
-
-    g = p.add_argument_group("engine")
-    g.add_argument("--amp", choices=AMP_CHOICES, help="autocast precision (auto: bf16 where the hardware has it)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
-    g.add_argument("--sync-bn", action="store_const", const=True, help="SyncBatchNorm under torchrun/DDP")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--eval-every", type=int, help="evaluate every N epochs (always after the last)")
-    g.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N steps inside an epoch")
-    g.add_argument("--skip-nonfinite", action="store_const", const=True,
-                   help="skip (and count) steps whose loss is not finite instead of stopping")
-    g.add_argument("--tensorboard", action="store_const", const=True, help="also log scalars for TensorBoard")
-    g.add_argument("--out", help="run directory (default runs/<timestamp>-<model>)")
-
-
-TRAIN_FIELDS = ("model", "activation", "dim", "depth", "patch", "kernel", "skip_period", "drop_path", "dataset",
-                "data_dir", "download", "train_subset", "test_subset", "loader", "workers", "label_type",
-                "image_size", "val_split", "skip_bad_images", "test_split", "epochs", "batch_size",
-                "lr_max", "schedule", "warmup_epochs", "wd", "opt_eps", "clip_norm", "label_smoothing", "pretrained",
-                "no_aug", "scale", "translate", "hflip", "ra_n", "ra_m", "jitter", "reprob", "mixup", "cutmix",
-                "mix_prob", "mix_switch_prob", "amp", "channels_last", "compile", "sync_bn", "seed", "device",
-                "eval_every", "ckpt_every_steps", "skip_nonfinite", "tensorboard", "out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (no arguments: the default recipe for this hardware)")
     p.add_argument("--recipe", help="recipe name (see `isoconv recipes`) or a YAML file")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    add_train_flags(p)
+    add_setting_flags(p)
 
     p = sub.add_parser("eval", help="evaluate a run directory or checkpoint on the test set")
     p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -136,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-to-accuracy", type=float, metavar="TOP1", help="train the recipe instead and report "
                    "when test top-1 first reached TOP1 (a fraction, e.g. 0.925)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    add_train_flags(p)  # --batch-size (default 128 without a recipe), --data-dir, --device, --compile, ...
-    from .experiments.cli import add_experiment_parsers
+    add_setting_flags(p)  # --batch-size (default 128 without a recipe), --data-dir, --device, --compile, ...
     add_experiment_parsers(sub)  # ablate, report
     p = sub.add_parser("predict", help="top-k classes for image files (from a run or an exported model)")
     p.add_argument("target", metavar="RUN_DIR_OR_WEIGHTS", help="run directory, checkpoint, .safetensors, .onnx "
@@ -161,16 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_bench(args) -> int:
-    from .bench import run_bench, time_to_accuracy
+BENCH_BATCH = 128  # without a recipe: a batch every machine fits
 
+
+def cmd_bench(args) -> int:
     def split(value, flag):
         items = [v.strip() for v in value.split(",") if v.strip()]
         if not items:
             raise UserError(f"{flag} needs at least one value, got {value!r}")
         return items
 
-    overrides = {f: getattr(args, f) for f in TRAIN_FIELDS}
+    overrides = settings_from_args(args)
     json_path = Path(args.json) if args.json else None
     if args.time_to_accuracy is not None:
         for flag, value in (("--models", args.models), ("--amps", args.amps), ("--loaders", args.loaders),
@@ -183,11 +117,11 @@ def cmd_bench(args) -> int:
         return 0
 
     if args.batch_size is None and args.recipe is None:
-        overrides["batch_size"] = 128
+        overrides["batch_size"] = BENCH_BATCH
     if args.epoch_images is not None:
         overrides["train_subset"] = args.epoch_images
-    if args.test_subset is None:  # the test set is not used; keep its copy small
-        overrides["test_subset"] = overrides["batch_size"] or 128
+    if args.test_subset is None:  # throughput runs never evaluate: keep the test set's device copy small
+        overrides["test_subset"] = overrides["batch_size"] or BENCH_BATCH
     cfg = build_config(args.recipe, **overrides)
     run_bench(cfg, models=split(args.models or cfg.model, "--models"),
               amps=split(args.amps or args.amp or "off,bf16", "--amps"),
@@ -198,8 +132,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import list_models, model_info
-
     print(f"{'name':<24} {'family':<10} {'params':>12}  description")
     for name in list_models():
         info = model_info(name)
@@ -216,26 +148,13 @@ def cmd_recipes(args) -> int:
 
 
 def default_recipe() -> str:
-    import torch
-
     return GPU_RECIPE if torch.cuda.is_available() else CPU_RECIPE
 
 
 def cmd_train(args) -> int:
-    from .train.checkpoint import load_latest_checkpoint
-    from .train.loop import train
-
-    overrides = {f: getattr(args, f) for f in TRAIN_FIELDS}
+    overrides = settings_from_args(args)
     if args.resume:
-        if args.recipe:
-            raise UserError("--resume continues a run with its stored config; drop --recipe")
-        if not Path(args.resume).is_dir():
-            raise UserError(f"--resume {args.resume}: no such run directory; pass the folder a run wrote "
-                            f"(it holds last.pt)")
-        state = load_latest_checkpoint(Path(args.resume) / "last.pt")
-        cfg = build_config(None, **{**state["config"], **{k: v for k, v in overrides.items() if v is not None}})
-        train(cfg, resume=Path(args.resume), resume_state=state)
-        return 0
+        return resume_run(RunDir(args.resume), args, overrides)
     recipe = args.recipe
     if recipe is None and overrides["model"] is None:
         recipe = default_recipe()
@@ -245,9 +164,29 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .eval.run import evaluate_target
+def resume_run(run: RunDir, args, overrides: dict) -> int:
+    """Continue a run from its checkpoint, or, when it was killed before writing one, start it again from the
+    beginning with the settings it saved."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if args.recipe:
+        raise UserError("--resume continues a run with its stored config; drop --recipe")
+    if not run.path.is_dir():
+        raise UserError(f"--resume {run}: no such run directory; pass the folder a run wrote (it holds "
+                        f"{run.checkpoint.name})")
+    if not run.has_checkpoint():
+        stored = run.read_config()
+        if stored is None:
+            raise UserError(f"--resume {run}: the folder holds no checkpoint and no config.yaml; start a new run")
+        logging.getLogger(__name__).info(f"{run} was stopped before its first checkpoint: starting it again "
+                                         f"with its saved settings")
+        train(build_config(None, **{**stored, **given, "out": str(run)}))
+        return 0
+    state = load_latest_checkpoint(run.checkpoint)
+    train(build_config(None, **{**state["config"], **given}), resume=run.path, resume_state=state)
+    return 0
 
+
+def cmd_eval(args) -> int:
     report = evaluate_target(Path(args.target), data_dir=args.data_dir, download=args.download,
                              test_subset=args.test_subset, tta=args.tta, device=args.device)
     print(report["report_text"])
@@ -259,8 +198,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .interop.predict import format_csv, format_json, format_table, predict_files
-
     result = predict_files(args.target, args.images, top_k=args.top_k, batch_size=args.batch_size,
                            tta_flip=args.tta == "flip", device=args.device)
     text = format_json(result) if args.json else format_csv(result) if args.csv else format_table(result)
@@ -270,8 +207,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .interop.export import MATCH_TOLERANCE, export_target
-
     result = export_target(args.target, args.format, args.out, dynamic_batch=args.dynamic_batch,
                            batch_size=args.batch_size)
     batch = "any batch size" if result.dynamic_batch else f"batch size {args.batch_size}"
@@ -283,20 +218,34 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_ablate(args) -> int:
-    from .experiments.cli import cmd_ablate as run
-
-    return run(args)
-
-
-def cmd_report(args) -> int:
-    from .experiments.cli import cmd_report as run
-
-    return run(args)
-
-
 COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench,
             "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate, "report": cmd_report}
+
+
+class _Console(logging.Handler):
+    """isoconv's log records as the CLI prints them: results (training rows, reports) on stdout; progress notes
+    of the data layer as `isoconv: ...` and warnings as `isoconv: warning: ...` on stderr. The streams are looked
+    up at each record, so a redirected sys.stdout is honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                print(f"isoconv: warning: {message}", file=sys.stderr, flush=True)
+            elif record.name.startswith("isoconv.data"):
+                print(f"isoconv: {message}", file=sys.stderr, flush=True)
+            else:
+                print(message, flush=True)
+        except BrokenPipeError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    logger = logging.getLogger("isoconv")
+    logger.setLevel(logging.INFO)
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _Console)] + [_Console()]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -305,12 +254,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    configure_logging()
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as e:  # a graceful stop on SIGINT/SIGTERM after a checkpoint: not an error
+        print(f"isoconv: {e}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
-        if hasattr(e, "exit_code"):  # a graceful stop on SIGINT/SIGTERM: not an error
-            print(f"isoconv: {e}", file=sys.stderr)
-            return e.exit_code
         if args.debug:
             raise
         print(f"isoconv: error: {e}", file=sys.stderr)
@@ -318,11 +268,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("isoconv: interrupted; continue with `isoconv train --resume RUN_DIR`", file=sys.stderr)
         return 130
-    except Exception as e:  # out-of-memory is a user problem with a known fix
-        if type(e).__name__ == "OutOfMemoryError" and not args.debug:
-            print("isoconv: error: out of memory; lower --batch-size", file=sys.stderr)
-            return 2
-        raise
+    except torch.OutOfMemoryError:  # a user problem with a known fix
+        if args.debug:
+            raise
+        print("isoconv: error: out of memory; lower --batch-size", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

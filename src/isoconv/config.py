@@ -1,12 +1,16 @@
-"""The one source of truth for every training setting.
+"""Every training setting, declared once.
 
-`TrainConfig` is filled, in order, from its defaults, a YAML recipe, then CLI flags.
+`TrainConfig` is filled, in order, from its defaults, a YAML recipe, then CLI flags. Each field's metadata
+(`setting(...)`) carries its help, role and accepted values; the CLI flags (`isoconv.cli`), validation, the model
+overrides, the resume and sweep comparisons and the ablation command line are all derived from it.
 Model-shape fields left as None mean "whatever the model preset says".
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -23,117 +27,238 @@ LOADER_CHOICES = ("device", "torchvision")
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny-imagenet", "folder")
 LABEL_TYPE_CHOICES = ("fine", "coarse")
 TEST_SPLIT_CHOICES = ("full", "half")
+ACTIVATION_CHOICES = ("gelu", "relu", "silu", "leaky_relu")
+
+
+ROLES = ("model", "data", "optimisation", "augmentation", "engine", "runtime", "provenance")
+# Roles whose settings never change what a run computes: they may differ between a run and its resumption, and
+# they are never "varied" columns in a sweep's results.
+RUNTIME_ROLES = ("runtime", "provenance")
+
+
+def setting(default: Any = None, help: str = "", *, role: str, choices: Optional[tuple] = None,
+            above: Optional[float] = None, least: Optional[float] = None, most: Optional[float] = None,
+            model_kwarg: Optional[str] = None, flag: Optional[bool] = True, resume_may_change: bool = False,
+            **extra: Any):
+    """A TrainConfig field with what the CLI, validation and the rest derive from it.
+
+    above/least/most: the value must be > above, >= least, <= most. model_kwarg: the model constructor's
+    argument this setting overrides (None in the config means "the preset's value"). flag: True for `--name`,
+    False for no flag, None for a bool that defaults to True and is turned off by `--no-name`.
+    resume_may_change: a resumed run may be given another value (e.g. --pretrained: the checkpoint has the weights).
+    """
+    assert role in ROLES, role
+    meta = dict(help=help, role=role, choices=choices, above=above, least=least, most=most,
+                model_kwarg=model_kwarg, flag=flag, resume_may_change=resume_may_change, **extra)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
     # model
-    model: str = "cm-vanilla"
-    dim: Optional[int] = None
-    depth: Optional[int] = None
-    kernel: Optional[int] = None
-    patch: Optional[int] = None
-    activation: Optional[str] = None
-    skip_period: Optional[int] = None
-    drop_path: Optional[float] = None
+    model: str = setting("cm-vanilla", "model preset (see `isoconv models`)", role="model")
+    dim: Optional[int] = setting(help="channels (width)", role="model", above=0, model_kwarg="dim")
+    depth: Optional[int] = setting(help="blocks (ConvNeXt: blocks per stage)", role="model", above=0,
+                                   model_kwarg="depth")
+    kernel: Optional[int] = setting(help="depthwise kernel size", role="model", above=0, model_kwarg="kernel_size")
+    patch: Optional[int] = setting(help="patch size", role="model", above=0, model_kwarg="patch_size")
+    activation: Optional[str] = setting(help="activation", role="model", choices=ACTIVATION_CHOICES,
+                                        model_kwarg="activation")
+    skip_period: Optional[int] = setting(help="ConvMixer-XL inter-block skip groups (0 = none)", role="model",
+                                         least=0, model_kwarg="skip_period")
+    drop_path: Optional[float] = setting(help="ConvNeXt stochastic depth rate", role="model", least=0, most=1,
+                                         model_kwarg="drop_path_rate")
     # data
-    dataset: str = "cifar10"
-    data_dir: Optional[str] = None
-    download: bool = True
-    train_subset: Optional[int] = None
-    test_subset: Optional[int] = None
-    loader: str = "device"
-    workers: int = 2
-    label_type: str = "fine"  # CIFAR-100: fine (100) or coarse (20 superclasses)
-    image_size: Optional[int] = None  # resize at decode time (None: the dataset's native size)
-    val_split: Optional[float] = None  # folder datasets without val/: hold out this fraction (fixed seed)
-    skip_bad_images: bool = False  # skip and count unreadable images instead of failing
-    test_split: str = "full"  # full test set, or "half" (the seed's 5k half-split)
+    dataset: str = setting("cifar10", role="data", choices=DATASET_CHOICES)
+    data_dir: Optional[str] = setting(
+        help="folder holding the dataset (cifar-10-batches-py, cifar-100-python, tiny-imagenet-200; for --dataset "
+             "folder the folder with train/ and val/); default $ISOCONV_DATA or ~/.cache/isoconv", role="runtime")
+    download: bool = setting(True, "fail instead of downloading missing data", role="runtime", flag=None)
+    train_subset: Optional[int] = setting(help="train on the first N training images", role="data", above=0)
+    test_subset: Optional[int] = setting(help="evaluate on the first N test images", role="data", above=0)
+    loader: str = setting("device", "batch source: device-resident batched augmentation, or torchvision's "
+                          "DataLoader", role="data", choices=LOADER_CHOICES)
+    workers: int = setting(2, "loader workers (torchvision loader)", role="runtime", least=0)
+    label_type: str = setting("fine", "CIFAR-100 fine (100) or coarse (20) labels", role="data",
+                              choices=LABEL_TYPE_CHOICES)
+    image_size: Optional[int] = setting(help="resize images to this size once at decode time", role="data", above=0)
+    val_split: Optional[float] = setting(help="folder dataset without val/: hold out this fraction", role="data",
+                                         above=0, below=1)
+    skip_bad_images: bool = setting(False, "skip and count unreadable images instead of failing", role="runtime")
+    test_split: str = setting("full", "full test set or the seed's 5k half", role="data", choices=TEST_SPLIT_CHOICES)
     # optimisation
-    epochs: int = 25
-    batch_size: int = 512  # global: under torchrun each of W processes takes batch_size / W per step
-    lr_max: float = 0.01  # for the global batch, whatever the number of processes (never rescaled)
-    schedule: str = "onecycle"
-    warmup_epochs: float = 0.0
-    wd: float = 0.01
-    opt_eps: float = 1e-8
-    clip_norm: Optional[float] = None
-    label_smoothing: float = 0.0
-    pretrained: Optional[str] = None  # initial weights (timm, original layouts or isoconv); classifier replaced if needed
+    epochs: int = setting(25, role="optimisation", above=0)
+    batch_size: int = setting(512, "global batch: under torchrun each of W processes takes batch-size / W",
+                              role="optimisation", least=2)
+    lr_max: float = setting(0.01, "peak learning rate, for the global batch whatever the number of processes",
+                            role="optimisation", above=0)
+    schedule: str = setting("onecycle", role="optimisation", choices=SCHEDULE_CHOICES)
+    warmup_epochs: float = setting(0.0, "linear warm-up (cosine schedule)", role="optimisation", least=0)
+    wd: float = setting(0.01, "AdamW weight decay", role="optimisation", least=0)
+    opt_eps: float = setting(1e-8, "AdamW epsilon", role="optimisation", above=0)
+    clip_norm: Optional[float] = setting(help="clip the gradient norm to this value", role="optimisation", least=0)
+    label_smoothing: float = setting(0.0, role="optimisation", least=0, most=1)
+    pretrained: Optional[str] = setting(help="initial weights: an isoconv run/checkpoint, a timm or original-layout "
+                                        "state dict (classifier replaced if needed)", role="optimisation",
+                                        resume_may_change=True, metavar="PATH")
     # augmentation (reference convmixer-cifar10 defaults)
-    no_aug: bool = False
-    scale: float = 0.75
-    translate: int = 0
-    hflip: bool = True
-    ra_n: int = 1
-    ra_m: int = 8
-    jitter: float = 0.1
-    reprob: float = 0.25
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mix_prob: float = 1.0
-    mix_switch_prob: float = 0.5
+    no_aug: bool = setting(False, "normalize only", role="augmentation")
+    scale: float = setting(0.75, "RandomResizedCrop lower scale bound (1 = no crop)", role="augmentation", above=0,
+                           most=1)
+    translate: int = setting(0, "random translation up to N pixels (RandomCrop with zero padding N)",
+                             role="augmentation", least=0)
+    hflip: bool = setting(True, "random horizontal flip", role="augmentation", flag=None)
+    ra_n: int = setting(1, "RandAugment ops per image (0 = off)", role="augmentation", least=0)
+    ra_m: int = setting(8, "RandAugment magnitude, 0..30", role="augmentation", least=0, most=30)
+    jitter: float = setting(0.1, "ColorJitter brightness/contrast/saturation", role="augmentation", least=0)
+    reprob: float = setting(0.25, "RandomErasing probability", role="augmentation", least=0, most=1)
+    mixup: float = setting(0.0, "Mixup alpha (0 = off)", role="augmentation", least=0)
+    cutmix: float = setting(0.0, "CutMix alpha (0 = off)", role="augmentation", least=0)
+    mix_prob: float = setting(1.0, "probability of mixing a batch", role="augmentation", least=0, most=1)
+    mix_switch_prob: float = setting(0.5, "probability of CutMix when both are on", role="augmentation", least=0,
+                                     most=1)
     # engine
-    amp: str = "auto"
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the model (compile time reported separately)
-    sync_bn: bool = False  # BatchNorm statistics over the global batch under torchrun/DDP (no effect alone)
-    seed: int = 0
-    device: str = "auto"
-    eval_every: int = 1
-    ckpt_every_steps: int = 0  # also checkpoint every N steps inside an epoch (0 = only at epoch ends)
-    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
-    tensorboard: bool = False  # also log every scalar to RUN_DIR/tensorboard
-    out: Optional[str] = None
+    amp: str = setting("auto", "autocast precision (auto: bf16 where the hardware has it)", role="engine",
+                       choices=AMP_CHOICES)
+    channels_last: bool = setting(True, "channels-last memory format", role="engine", both=True)
+    compile: bool = setting(False, "torch.compile the model (compile time reported separately)", role="runtime")
+    sync_bn: bool = setting(False, "BatchNorm statistics over the global batch under torchrun/DDP (no effect alone)",
+                            role="engine")
+    seed: int = setting(0, role="engine")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", role="runtime")
+    eval_every: int = setting(1, "evaluate every N epochs (always after the last)", role="engine", above=0)
+    ckpt_every_steps: int = setting(0, "also checkpoint every N steps inside an epoch (0 = only at epoch ends)",
+                                    role="runtime", least=0)
+    skip_nonfinite: bool = setting(False, "skip (and count) steps whose loss is not finite instead of stopping",
+                                   role="engine")
+    tensorboard: bool = setting(False, "also log every scalar to RUN_DIR/tensorboard", role="runtime")
+    out: Optional[str] = setting(help="run directory (default runs/<timestamp>-<model>)", role="runtime")
     # provenance (not training settings)
-    recipe: Optional[str] = None
-    description: str = ""
-    published: dict = field(default_factory=dict)
+    recipe: Optional[str] = setting(role="provenance", flag=False)
+    description: str = setting("", role="provenance", flag=False)
+    published: dict = setting({}, role="provenance", flag=False)
 
     def model_overrides(self) -> dict[str, Any]:
         """Model-constructor keyword overrides that were explicitly set."""
-        names = {"dim": "dim", "depth": "depth", "kernel": "kernel_size", "patch": "patch_size",
-                 "activation": "activation", "skip_period": "skip_period", "drop_path": "drop_path_rate"}
-        return {kw: getattr(self, f) for f, kw in names.items() if getattr(self, f) is not None}
+        return {f.metadata["model_kwarg"]: getattr(self, f.name) for f in fields(self)
+                if f.metadata["model_kwarg"] and getattr(self, f.name) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def validate(self) -> "TrainConfig":
-        def positive(name):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        for name in ("epochs", "batch_size", "lr_max", "eval_every", "train_subset", "test_subset",
-                     "dim", "depth", "kernel", "patch", "image_size"):
-            positive(name)
-        for name in ("wd", "label_smoothing", "jitter", "reprob", "mixup", "cutmix", "mix_prob", "workers",
-                     "warmup_epochs", "ra_n", "ra_m", "translate", "skip_period", "drop_path", "clip_norm",
-                     "ckpt_every_steps"):
-            v = getattr(self, name)
-            if v is not None and v < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
-        for name in ("reprob", "mix_prob", "mix_switch_prob", "label_smoothing", "drop_path"):
-            v = getattr(self, name)
-            if v is not None and v > 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-        if self.batch_size < 2:
-            raise ConfigError(f"--batch-size must be at least 2 (BatchNorm needs two images), got {self.batch_size}")
-        if not 0 < self.scale <= 1:
-            raise ConfigError(f"--scale must be in (0, 1], got {self.scale}")
-        if self.ra_m > 30:
-            raise ConfigError(f"--ra-m must be in 0..30 (torchvision RandAugment scale), got {self.ra_m}")
-        if self.val_split is not None and not 0 < self.val_split < 1:
-            raise ConfigError(f"--val-split must be a fraction in (0, 1), got {self.val_split}")
-        for name, choices in (("amp", AMP_CHOICES), ("schedule", SCHEDULE_CHOICES), ("loader", LOADER_CHOICES),
-                              ("dataset", DATASET_CHOICES), ("label_type", LABEL_TYPE_CHOICES),
-                              ("test_split", TEST_SPLIT_CHOICES)):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for f in fields(self):
+            check_value(f, getattr(self, f.name))
         return self
 
 
-CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig))
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_value(f: dataclasses.Field, v: Any) -> None:
+    """The checks a field's metadata declares; the message names the flag and the accepted values."""
+    m, flag = f.metadata, flag_name(f.name)
+    if v is None:
+        return
+    if m["choices"] and v not in m["choices"]:
+        raise ConfigError(f"{flag} must be one of {', '.join(m['choices'])}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ConfigError(f"{flag} must be finite, got {v}")
+    above, least, most, below = m["above"], m["least"], m["most"], m.get("below")
+    if least is not None and most is not None and not least <= v <= most:
+        span = f"{least:g}..{most:g}" if "int" in str(f.type) else f"[{least:g}, {most:g}]"
+        raise ConfigError(f"{flag} must be in {span}, got {v}")
+    if above is not None and most is not None and not above < v <= most:
+        raise ConfigError(f"{flag} must be in ({above:g}, {most:g}], got {v}")
+    if above is not None and below is not None and not above < v < below:
+        raise ConfigError(f"{flag} must be a fraction in ({above:g}, {below:g}), got {v}")
+    if above == 0 and v <= 0:
+        raise ConfigError(f"{flag} must be positive, got {v}")
+    if least == 0 and v < 0:
+        raise ConfigError(f"{flag} must be >= 0, got {v}")
+    if least is not None and least > 0 and v < least:
+        extra = " (BatchNorm needs two images)" if f.name == "batch_size" else ""
+        raise ConfigError(f"{flag} must be at least {least:g}{extra}, got {v}")
+
+
+SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
+RUNTIME_FIELDS = frozenset(n for n, f in SETTINGS.items() if f.metadata["role"] in RUNTIME_ROLES)
+RESUME_FREE_FIELDS = RUNTIME_FIELDS | {n for n, f in SETTINGS.items() if f.metadata["resume_may_change"]}
+MODEL_KWARGS = {n: f.metadata["model_kwarg"] for n, f in SETTINGS.items() if f.metadata["model_kwarg"]}
+
+
+def config_differences(old: dict, new: dict, ignore=RESUME_FREE_FIELDS) -> list[str]:
+    """`key: old -> new` for every setting (outside `ignore`) whose value differs; missing keys take defaults."""
+    defaults = TrainConfig().to_dict()
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return [f"{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k, defaults.get(k))!r}" for k in keys
+            if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
+
+
+CONFIG_KEYS = tuple(SETTINGS)
+FLAG_GROUPS = ("model", "data", "optimisation", "augmentation", "engine", "runtime")
+
+
+def _value_type(f: dataclasses.Field):
+    hint = str(f.type)
+    return next((t for name, t in (("int", int), ("float", float), ("str", str)) if name in hint), str)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names: Optional[tuple[str, ...]] = None) -> None:
+    """One flag per setting (or per setting in `names`), in argparse groups by role. Every flag defaults to None
+    (not given), so a recipe's value is only overridden by what the user typed."""
+    groups = {}
+    for f in SETTINGS.values():
+        m = f.metadata
+        if m["flag"] is False or (names is not None and f.name not in names):
+            continue
+        group = groups.get(m["role"]) or groups.setdefault(m["role"], parser.add_argument_group(m["role"]))
+        help_text = m["help"] or None
+        if m.get("both"):
+            group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif m["flag"] is None:
+            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
+                               help=help_text)
+        elif isinstance(f.default, bool):
+            group.add_argument(flag_name(f.name), action="store_const", const=True, help=help_text)
+        else:
+            group.add_argument(flag_name(f.name), type=_value_type(f), choices=m["choices"], help=help_text,
+                               metavar=m.get("metavar"))
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a parser made by add_setting_flags read (None: not given)."""
+    return {name: getattr(args, name) for name in SETTINGS if hasattr(args, name)}
+
+
+def setting_tokens(name: str, value: Any, has_flag=lambda name: True) -> list[str]:
+    """The command-line tokens that set `name` to `value`: its flag where it has one (`has_flag(name)`),
+    else `--set name=value` (YAML)."""
+    f = SETTINGS[name]
+    if has_flag(name) and f.metadata["flag"] is not False:
+        if f.metadata["flag"] is None and value is False:
+            return ["--no-" + name.replace("_", "-")]
+        if isinstance(f.default, bool) and value is True and not f.metadata.get("both"):
+            return [flag_name(name)]
+        if not isinstance(value, (bool, dict, list)) and value is not None:
+            return [flag_name(name), str(value)]
+    return ["--set", f"{name}={yaml_value(value)}"]
+
+
+def yaml_value(value: Any) -> str:
+    """A value as YAML reads it back: plain strings stay plain, the rest is JSON (a subset of YAML)."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
 
 
 def suggest(name: str, choices) -> str:

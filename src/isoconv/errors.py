@@ -10,3 +10,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An invalid setting; also a ValueError so library callers can catch it as such."""
+
+
+class Interrupted(UserError):
+    """A graceful stop on a signal after a checkpoint: not an error; the process exits with 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -12,7 +12,7 @@ from .cifar import (
 from .cifar100 import CIFAR100_MD5, CIFAR100_URL, download_cifar100, load_cifar100
 from .dataset import ImageDataset
 from .folder import load_folder
-from .load import DATASETS, SPLITS, canonical_name, load_dataset
+from .load import DATASETS, SPLITS, canonical_name, load_data, load_dataset
 from .root import resolve_data_root
 from .splits import HALF_SPLIT_SEED, HOLDOUT_SEED, channel_stats, half_split_indices, holdout_indices, seeded_half
 from .tinyimagenet import TINY_IMAGENET_MD5, TINY_IMAGENET_URL, download_tiny_imagenet, load_tiny_imagenet
@@ -41,6 +41,7 @@ __all__ = [
     "holdout_indices",
     "load_cifar10",
     "load_cifar100",
+    "load_data",
     "load_dataset",
     "load_folder",
     "load_pickle",

@@ -14,12 +14,13 @@ Location: `$ISOCONV_CACHE` if set; else the dataset folder; if that is not writa
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 import zlib
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -32,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..fileio import atomic_write
 from .images import BadImageError, decode_image_array
 from .splits import Stats
 
@@ -44,12 +46,9 @@ FORMAT = "isoconv-decoded-images"
 CHUNK = 256  # images per pool task
 
 
-def warn(msg: str) -> None:
-    print(f"isoconv: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def note(msg: str) -> None:
-    print(f"isoconv: {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
+warn = log.warning  # the CLI prints these as `isoconv: warning: ...` on stderr
+note = log.info  # progress notes (`isoconv: ...` on stderr)
 
 
 def digest(obj: Any) -> str:
@@ -116,24 +115,14 @@ class DatasetCache:
         return None
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> bool:
-    """write(file) into a temporary file beside `path`, then rename it over `path`; False (warned) on failure."""
-    tmp = None
+def _atomic_write(path: Path, data: bytes) -> bool:
+    """Write a cache file atomically; False (warned) on failure: the cache is an optimisation, never required."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; others sharing the dataset may read the cache
-        os.replace(tmp, path)
+        atomic_write(path, data)
         return True
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        warn(f"could not write cache file {path} ({getattr(e, 'strerror', None) or e}); continuing without it")
+    except OSError as e:
+        warn(f"could not write cache file {path} ({e.strerror or e}); continuing without it")
         return False
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _remove(paths: Sequence[Path]) -> None:
@@ -354,7 +343,9 @@ def _decode_and_store(cache: DatasetCache, stem: str, key: str, files: Sequence[
                "checksum": _checksum(dec.images, kept_labels)}
     target = cache.writable_path(stem)
     if target is not None:
-        _atomic_write(target, lambda f: torch.save(payload, f))
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        _atomic_write(target, buf.getvalue())
     return CachedSplit(dec.images, kept_labels, skipped, key)
 
 
@@ -389,5 +380,5 @@ def cached_stats(cache: DatasetCache, key_obj: Any, compute: Callable[[], Stats]
     target = cache.writable_path(stem)
     if target is not None:
         text = json.dumps({"key": key, "mean": list(mean), "std": list(std)}).encode()
-        _atomic_write(target, lambda f: f.write(text))
+        _atomic_write(target, text)
     return mean, std

@@ -7,12 +7,14 @@ from typing import Optional, Union
 
 import torch
 
+from ..config import TrainConfig
 from ..errors import ConfigError, UserError
 from .cifar import load_cifar10
 from .cifar100 import load_cifar100
 from .dataset import ImageDataset
 from .folder import load_folder
-from .splits import Stats
+from .root import resolve_data_root
+from .splits import Stats, seeded_half
 from .tinyimagenet import load_tiny_imagenet
 
 DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "folder")
@@ -74,3 +76,27 @@ def interleave_classes(ds: ImageDataset) -> ImageDataset:
         rank[where] = torch.arange(len(where))
     order = torch.argsort(rank * ds.num_classes + labels, stable=True)
     return ds.select(order)
+
+
+def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm: Optional[Stats] = None):
+    """(train, test) datasets for cfg, test on the device; train is None when train=False.
+
+    The training set moves to the device only for the device loader; the torchvision loader reads it on the CPU.
+    The test set is normalized with the training split's statistics, or with `norm` = (mean, std) (a trained
+    model's) when train=False. --test-split half keeps a fixed random half of it before --test-subset.
+    """
+    root = resolve_data_root(cfg.data_dir)
+    opts = dict(download=cfg.download, label_type=cfg.label_type, image_size=cfg.image_size,
+                val_split=cfg.val_split, skip_bad_images=cfg.skip_bad_images)
+    train_ds = None
+    if train:
+        train_ds = load_dataset(cfg.dataset, root, "train", **opts)
+        norm = (train_ds.mean, train_ds.std)
+        train_ds = train_ds.subset(cfg.train_subset)
+    test = load_dataset(cfg.dataset, root, "test", norm=norm, **opts)
+    if cfg.test_split == "half":
+        test = seeded_half(test)
+    test = test.subset(cfg.test_subset).to(device)
+    if not train:
+        return None, test
+    return (train_ds.to(device) if cfg.loader == "device" else train_ds), test

@@ -7,15 +7,18 @@ from typing import Any, Optional
 import torch
 
 from ..config import TrainConfig, apply_overrides
+from ..data import load_data
 from ..errors import UserError
-from ..train.checkpoint import load_checkpoint
-from ..train.loop import (amp_name, build_model, evaluate, load_data, resolve_amp, resolve_device,
-                          test_report)
+from ..models import build_model
+from ..rundir import RunDir
+from ..runtime import resolve_device, resolve_precision
+from ..weights import load_checkpoint
+from .evaluate import evaluate, test_report
 
 
 def checkpoint_path(target: Path) -> Path:
     if target.is_dir():
-        return target / "last.pt"
+        return RunDir(target).checkpoint
     if target.is_file():
         return target
     raise UserError(f"{target} is neither a run directory nor a checkpoint file")
@@ -33,7 +36,7 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
                                 "train_subset": None,
                                 **({"data_dir": data_dir} if data_dir else {})}, "eval flags").validate()
     dev = resolve_device(cfg.device)
-    amp_dtype = resolve_amp(cfg.amp, dev)
+    precision = resolve_precision(cfg.amp, dev)
     meta = state.get("data") or {}
     norm = (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") and meta.get("std") else None
     _, test = load_data(cfg, dev, train=False, norm=norm)  # normalized as in training
@@ -44,22 +47,16 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
                         f"trained on")
     model = build_model(cfg, test.num_classes, test.image_size).to(dev)
     model.load_state_dict(state["model"])
-    result = evaluate(model, test, device=dev, amp_dtype=amp_dtype, channels_last=cfg.channels_last,
+    result = evaluate(model, test, device=dev, precision=precision, channels_last=cfg.channels_last,
                       tta_flip=tta == "flip")
     fields, report = test_report(result, test.classes)
     return {"run_dir": str(path.parent), "checkpoint": str(path), "model": cfg.model, "recipe": cfg.recipe,
             "dataset": cfg.dataset, "epochs": state["epoch"], "params": state.get("params"),
-            "train_seconds": state.get("train_seconds"), "device": str(dev), "amp": amp_name(amp_dtype),
+            "train_seconds": state.get("train_seconds"), "device": str(dev), "amp": precision,
             "torch": torch.__version__, "tta": tta, **training_facts(path.parent), **fields, "report_text": report}
 
 
 def training_facts(run_dir: Path) -> dict[str, Any]:
     """What the run's own summary says about training (None when the run has no summary)."""
-    import json
-
-    keys = ("compile_seconds", "skipped_steps")
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        summary = {}
-    return {k: summary.get(k) for k in keys}
+    summary = RunDir(run_dir).read_summary() or {}
+    return {k: summary.get(k) for k in ("compile_seconds", "skipped_steps")}

@@ -15,26 +15,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import multiprocessing
 import os
 import shlex
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Iterator, Optional
 
-import yaml
+import torch
 
-from ..config import TrainConfig
-from ..errors import UserError
-from .results import MANIFEST, atomic_write, load_manifest, run_state, write_results
+from ..config import RUNTIME_FIELDS, TrainConfig, config_differences, setting_tokens
+from ..errors import Interrupted, UserError
+from ..fileio import atomic_write
+from ..models import build_model
+from ..rundir import RunDir
+from ..train import train
+from .report import write_sweep_report
+from .results import MANIFEST, load_manifest, write_results
 from .spec import AblationSpec, load_spec, run_config, variant_config, variant_dirname
 
-# Settings that may differ between a finished run and the sweep asking for it without changing the result.
-RUNTIME_KEYS = {"device", "workers", "data_dir", "download", "out", "description", "published", "recipe",
-                "ckpt_every_steps", "tensorboard", "skip_bad_images", "compile"}
-# CLI flags of `isoconv ablate` for overrides, in the order the reconstructed command lists them.
-OVERRIDE_FLAGS = {"data_dir": "--data-dir", "device": "--device", "amp": "--amp", "test_split": "--test-split"}
+log = logging.getLogger(__name__)
+
+# Settings `isoconv ablate` has a flag for (the rest are given as --set KEY=VALUE).
+ABLATE_FLAGS = ("data_dir", "download", "device", "amp", "test_split", "tensorboard")
 
 
 @dataclass
@@ -91,36 +98,14 @@ def format_command(spec_arg: str, *, seeds: int, parallel: int, out: Path, overr
         parts += ["--variants", ",".join(only)]
     parts += ["--out", str(out)]
     for key, value in overrides.items():
-        if key in OVERRIDE_FLAGS:
-            parts += [OVERRIDE_FLAGS[key], str(value)]
-        elif key == "tensorboard" and value is True:
-            parts.append("--tensorboard")
-        elif key == "download" and value is False:
-            parts.append("--no-download")
-        else:
-            parts += ["--set", f"{key}={cli_value(value)}"]
+        parts += setting_tokens(key, value, has_flag=lambda name: name in ABLATE_FLAGS)
     return shlex.join(parts)
-
-
-def cli_value(value: Any) -> str:
-    """A value as `--set KEY=VALUE` reads it back (YAML): plain strings stay plain, the rest is JSON."""
-    if isinstance(value, str):
-        try:
-            if yaml.safe_load(value) == value:
-                return value
-        except yaml.YAMLError:
-            pass
-    return json.dumps(value)
 
 
 # ----------------------------------------------------------------------------- checks before anything runs
 
 def check_models(spec: AblationSpec, runs: list[PlannedRun]) -> None:
     """Build every variant's model on the meta device, so a bad shape fails now rather than hours in."""
-    import torch
-
-    from ..models import create_model
-
     seen = set()
     for r in runs:
         if r.variant in seen:
@@ -128,27 +113,19 @@ def check_models(spec: AblationSpec, runs: list[PlannedRun]) -> None:
         seen.add(r.variant)
         try:
             with torch.device("meta"):
-                create_model(r.config.model, **r.config.model_overrides())
+                build_model(r.config, num_classes=10, image_size=None)
         except UserError as e:
             raise UserError(f"variant {r.variant!r} of spec {spec.name}: {e}") from None
-
-
-def setting_differences(stored: dict, planned: dict) -> list[str]:
-    defaults = TrainConfig().to_dict()
-    keys = [k for k in planned if k not in RUNTIME_KEYS]
-    return [f"{k}: {stored.get(k, defaults.get(k))!r} -> {planned[k]!r}" for k in keys
-            if stored.get(k, defaults.get(k)) != planned[k]]
 
 
 def check_existing_runs(runs: list[PlannedRun]) -> None:
     """A run folder that already holds a run must hold one with the same settings."""
     for r in runs:
-        stored_path = r.run_dir / "config.yaml"
-        started = (r.run_dir / "summary.json").is_file() or (r.run_dir / "last.pt").is_file()
-        if not started or not stored_path.is_file():
+        run = RunDir(r.run_dir)
+        stored = run.read_config()
+        if stored is None or run.state() not in ("done", "partial"):
             continue
-        stored = yaml.safe_load(stored_path.read_text()) or {}
-        diffs = setting_differences(stored, r.config.to_dict())
+        diffs = config_differences(stored, r.config.to_dict(), ignore=RUNTIME_FIELDS)
         if diffs:
             raise UserError(f"{r.run_dir} holds a run with other settings ({'; '.join(diffs[:4])}); "
                             f"delete that folder or use another --out")
@@ -156,54 +133,51 @@ def check_existing_runs(runs: list[PlannedRun]) -> None:
 
 # ----------------------------------------------------------------------------- running
 
-def train_one(config: TrainConfig, log: Callable[[str], None], stop_after: Optional[int]) -> tuple[str, str]:
+def train_one(config: TrainConfig, stop_after: Optional[int]) -> tuple[str, str]:
     """Train or resume one run; returns (state, message). User errors (divergence, bad data) are recorded."""
-    from ..train import train
-
-    run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "error.txt").unlink(missing_ok=True)
-    resume = run_dir if (run_dir / "last.pt").is_file() else None
+    run = RunDir(config.out)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.error.unlink(missing_ok=True)
+    resume = run.path if run.checkpoint.is_file() else None
     try:
-        summary = train(config, resume=resume, log=log, stop_after=stop_after)
+        summary = train(config, resume=resume, stop_after=stop_after)
+    except Interrupted:  # stopped by SIGINT/SIGTERM after a checkpoint: the sweep stops too
+        raise
     except UserError as e:
-        if hasattr(e, "exit_code"):  # stopped by SIGINT/SIGTERM after a checkpoint: the sweep stops too
-            raise
-        (run_dir / "error.txt").write_text(f"{e}\n")
+        run.write_error(str(e))
         return "failed", str(e)
-    except Exception as e:
-        if type(e).__name__ != "OutOfMemoryError":
-            raise
+    except torch.OutOfMemoryError:
         message = "out of memory; lower --batch-size (or --parallel)"
-        (run_dir / "error.txt").write_text(message + "\n")
+        run.write_error(message)
         return "failed", message
     if summary is None:
         return "partial", "stopped early (resumable)"
     return "done", f"test top-1 {summary['test_top1']:.4f}, {summary['train_seconds'] / 60:.1f} min of training"
 
 
-def file_logger(run_dir: Path, echo: Optional[Callable[[str], None]] = None, prefix: str = ""):
+@contextmanager
+def training_log_copy(run_dir: Path) -> Iterator[None]:
+    """While active, the training log (isoconv.train, INFO and up) is also appended to RUN_DIR/ablate.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / "ablate.log", "a")
-
-    def log(message: str) -> None:
-        f.write(message + "\n")
-        f.flush()
-        if echo is not None:
-            echo(f"{prefix}{message}")
-    return log, f
+    handler = logging.FileHandler(run_dir / "ablate.log")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    train_log = logging.getLogger("isoconv.train")
+    level = train_log.level
+    train_log.setLevel(logging.INFO)
+    train_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        train_log.removeHandler(handler)
+        train_log.setLevel(level)
+        handler.close()
 
 
 def run_in_subprocess(config: TrainConfig, threads: int, stop_after: Optional[int]) -> tuple[str, str]:
     """Worker of `--parallel N`: a fresh process with its share of the CPU threads, logging to its run folder."""
-    import torch
-
     torch.set_num_threads(threads)
-    log, f = file_logger(Path(config.out))
-    try:
-        return train_one(config, log, stop_after)
-    finally:
-        f.close()
+    with training_log_copy(Path(config.out)):
+        return train_one(config, stop_after)
 
 
 def available_cores() -> int:
@@ -213,23 +187,19 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def execute(todo: list[PlannedRun], *, parallel: int, log, stop_after, on_finish) -> list[tuple[PlannedRun, str, str]]:
+def execute(todo: list[PlannedRun], *, parallel: int, stop_after, on_finish) -> list[tuple[PlannedRun, str, str]]:
     outcomes = []
     if parallel <= 1 or len(todo) <= 1:
         for r in todo:
-            run_log, f = file_logger(r.run_dir, echo=log, prefix=f"[{r.label}] ")
-            try:
-                state, message = train_one(r.config, run_log, stop_after)
-            finally:
-                f.close()
+            log.info(f"[{r.label}] training in {r.run_dir}")
+            with training_log_copy(r.run_dir):
+                state, message = train_one(r.config, stop_after)
             outcomes.append((r, state, message))
             on_finish(r, state, message)
         return outcomes
-    import multiprocessing
-
     workers = min(parallel, len(todo))
     threads = max(1, available_cores() // workers)
-    log(f"running {len(todo)} runs, {workers} at a time with {threads} CPU thread(s) each; "
+    log.info(f"running {len(todo)} runs, {workers} at a time with {threads} CPU thread(s) each; "
         f"logs in each run folder's ablate.log")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_in_subprocess, r.config, threads, stop_after): r for r in todo}
@@ -247,7 +217,7 @@ def execute(todo: list[PlannedRun], *, parallel: int, log, stop_after, on_finish
 
 
 def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] = None, parallel: int = 1,
-                 overrides: Optional[dict] = None, command: Optional[str] = None, log=print,
+                 overrides: Optional[dict] = None, command: Optional[str] = None,
                  stop_after: Optional[int] = None, plots: bool = True, dry_run: bool = False,
                  only: Optional[list[str]] = None) -> Path:
     """Run (or continue) a sweep and write its results; returns the sweep directory.
@@ -271,10 +241,10 @@ def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] 
     command = command or format_command(spec_arg, seeds=seeds, parallel=parallel, out=sweep_dir, overrides=overrides,
                                         only=only)
 
-    states = {r.run_dir: run_state(r.run_dir) for r in runs}
+    states = {r.run_dir: RunDir(r.run_dir).state() for r in runs}
     chosen = set(spec.variant(name).name for name in only) if only else None
     todo = [r for r in runs if states[r.run_dir] != "done" and (chosen is None or r.variant in chosen)]
-    log(f"sweep {sweep_dir}: {len(spec.variants)} variants x {seeds} seed(s) = {len(runs)} runs; "
+    log.info(f"sweep {sweep_dir}: {len(spec.variants)} variants x {seeds} seed(s) = {len(runs)} runs; "
         f"{sum(s == 'done' for s in states.values())} finished (skipped), "
         f"{sum(states[r.run_dir] == 'partial' for r in todo)} to resume, "
         f"{sum(states[r.run_dir] != 'partial' for r in todo)} to start"
@@ -282,7 +252,7 @@ def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] 
     if dry_run:
         for r in runs:
             later = chosen is not None and r.variant not in chosen
-            log(f"  {states[r.run_dir]:<8} {r.run_dir}" + (" (not now)" if later else ""))
+            log.info(f"  {states[r.run_dir]:<8} {r.run_dir}" + (" (not now)" if later else ""))
         return sweep_dir
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -294,17 +264,15 @@ def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] 
     atomic_write(sweep_dir / MANIFEST, json.dumps(manifest, indent=2))
 
     def on_finish(r: PlannedRun, state: str, message: str) -> None:
-        log(f"[{r.label}] {state}: {message}")
+        log.info(f"[{r.label}] {state}: {message}")
         write_results(sweep_dir, manifest)
 
     started = time.perf_counter()
-    outcomes = execute(todo, parallel=parallel, log=log, stop_after=stop_after, on_finish=on_finish)
+    outcomes = execute(todo, parallel=parallel, stop_after=stop_after, on_finish=on_finish)
     write_results(sweep_dir, manifest)
     if plots:
-        from .report import write_sweep_report
-
         write_sweep_report(sweep_dir, manifest)
-    log(f"sweep {sweep_dir}: {len(outcomes)} run(s) in {(time.perf_counter() - started) / 60:.1f} min; "
+    log.info(f"sweep {sweep_dir}: {len(outcomes)} run(s) in {(time.perf_counter() - started) / 60:.1f} min; "
         f"results in {sweep_dir / 'results.md'}")
     failed = [(r, m) for r, s, m in outcomes if s == "failed"]
     if failed:

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import yaml
 
-from ..config import AMP_CHOICES, CONFIG_KEYS, TEST_SPLIT_CHOICES, suggest
-from ..errors import ConfigError, UserError
+from ..config import CONFIG_KEYS, add_setting_flags, settings_from_args, suggest
+from ..errors import ConfigError, Interrupted, UserError
+from .ablate import ABLATE_FLAGS, default_sweep_dir, format_command, run_ablation
+from .report import write_report
+from .spec import load_spec
 
 
 def add_experiment_parsers(sub) -> None:
@@ -20,13 +23,7 @@ def add_experiment_parsers(sub) -> None:
     p.add_argument("--parallel", type=int, default=1, help="runs at once, each in its own process with "
                    "cores/N threads (default 1)")
     p.add_argument("--out", help="sweep directory (default ablations/<spec name>)")
-    p.add_argument("--data-dir")
-    p.add_argument("--no-download", dest="download", action="store_const", const=False)
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=AMP_CHOICES)
-    p.add_argument("--test-split", choices=TEST_SPLIT_CHOICES, help="full 10k test set (default) or the seed's "
-                   "5k half, for like-for-like comparison with the published table")
-    p.add_argument("--tensorboard", action="store_const", const=True, help="also log scalars for TensorBoard")
+    add_setting_flags(p, ABLATE_FLAGS)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting for every variant (YAML value), e.g. --set epochs=2; repeatable")
     p.add_argument("--variants", metavar="NAME[,NAME]", help="train only these variants now (comma-separated; "
@@ -56,12 +53,8 @@ def parse_set(items: list[str]) -> dict:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .ablate import default_sweep_dir, format_command, run_ablation
-    from .spec import load_spec
-
     spec = load_spec(args.spec)
-    overrides = {k: getattr(args, k) for k in ("data_dir", "download", "device", "amp", "test_split", "tensorboard")
-                 if getattr(args, k) is not None}
+    overrides = {k: v for k, v in settings_from_args(args).items() if v is not None}
     overrides.update(parse_set(args.set))
     seeds = args.seeds if args.seeds is not None else spec.seeds
     out = Path(args.out) if args.out else default_sweep_dir(spec)
@@ -73,9 +66,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                      dry_run=args.dry_run, only=only)
     except KeyboardInterrupt:
         return interrupted(command, 130)
-    except UserError as e:
-        if not hasattr(e, "exit_code"):  # a graceful stop on SIGINT/SIGTERM carries its exit code
-            raise
+    except Interrupted as e:
         return interrupted(command, e.exit_code)
     return 0
 
@@ -87,8 +78,6 @@ def interrupted(command: str, code: int) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-
     path = write_report(Path(args.target), command=f"isoconv report {args.target}")
     print(f"wrote {path} and its plots in {path.parent / 'plots'}")
     return 0

@@ -5,13 +5,14 @@ nothing here touches pyplot's global state or needs a display.
 """
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import atomic_write
 from ..train.schedule import lr_at
 
 FORMATS = ("png", "svg")
@@ -31,9 +32,9 @@ def save(fig, stem: Path) -> list[Path]:
     paths = []
     for fmt in FORMATS:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = stem.with_name(f".{stem.name}.tmp.{fmt}")
-        fig.savefig(tmp, format=fmt, dpi=120)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=120)
+        atomic_write(path, buf.getvalue())
         paths.append(path)
         fig.set_layout_engine("none")  # the first save laid the figure out; the others reuse it (text is slow)
     return paths

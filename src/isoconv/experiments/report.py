@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
 
-import yaml
 
 from ..errors import UserError
+from ..fileio import atomic_write
+from ..rundir import RunDir
 from . import plots
-from .results import (JPEG_NOTE, MANIFEST, VariantResult, atomic_write, human_seconds, load_manifest, mean_std, pct,
+from .results import (JPEG_NOTE, MANIFEST, VariantResult, human_seconds, load_manifest, mean_std, pct,
                       results_markdown, write_results)
 
 PLOTS = "plots"
@@ -21,7 +22,7 @@ def write_report(target: Path, command: Optional[str] = None) -> Path:
     target = Path(target)
     if (target / MANIFEST).is_file():
         return write_sweep_report(target, regenerated_by=command)
-    if (target / "metrics.jsonl").is_file():
+    if RunDir(target).metrics.is_file():
         return write_run_report(target)
     if not target.exists():
         raise UserError(f"{target} does not exist; pass a run folder (from `isoconv train`) or a sweep folder "
@@ -32,13 +33,6 @@ def write_report(target: Path, command: Optional[str] = None) -> Path:
 
 def image(path: Path, base: Path, alt: str) -> str:
     return f"![{alt}]({quote(path.relative_to(base).as_posix())})"
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -62,9 +56,8 @@ def run_figures(out_dir: Path, title: str, summary: Optional[dict], config: dict
 
 def write_run_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    rows = read_rows(run_dir)
-    summary = read_json(run_dir / "summary.json")
+    run = RunDir(run_dir)
+    config, rows, summary = run.read_config() or {}, run.read_metrics(), run.read_summary()
     sweep = run_dir.resolve().parent.parent
     in_sweep = (sweep / MANIFEST).is_file()
     title = f"{run_dir.resolve().parent.name}/{run_dir.resolve().name}" if in_sweep else run_dir.resolve().name
@@ -139,7 +132,7 @@ def write_sweep_report(sweep_dir: Path, manifest: Optional[dict] = None, regener
                                        out / "accuracy_vs_relative_time",
                                        f"{manifest['spec']}: accuracy vs relative training time", log_x=False)[0],
         "lr": plots.lr_schedules([(v.name, v.config) for v in variants], out / "lr_schedule")[0],
-        "curves": plots.training_curves([(v.name, read_rows(r.run_dir)) for v in variants for r in v.runs
+        "curves": plots.training_curves([(v.name, RunDir(r.run_dir).read_metrics()) for v in variants for r in v.runs
                                          if r.state != "pending"], out / "curves",
                                         f"{manifest['spec']}: training curves (all runs)")[0],
     }

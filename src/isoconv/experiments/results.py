@@ -10,23 +10,26 @@ import csv
 import functools
 import io
 import json
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
+
+from ..config import MODEL_KWARGS, RUNTIME_FIELDS
 from ..errors import UserError
+from ..fileio import atomic_write
+from ..models import count_params, create_model, model_info
+from ..models.flops import forward_flops
+from ..rundir import RunDir
+from ..weights import load_checkpoint
 from .spec import format_value
 
 MANIFEST = "sweep.json"
-# Settings that never appear as "varied" columns: provenance, paths and engine plumbing that does not change
-# what is computed. `seed` is the repetition index's business.
-NOT_SETTINGS = {"out", "data_dir", "download", "workers", "description", "published", "recipe", "seed",
-                "ckpt_every_steps", "tensorboard", "skip_bad_images", "compile", "device"}
-# Effective model settings: TrainConfig field -> ConvMixer constructor argument (filled from the preset).
-MODEL_FIELDS = {"dim": "dim", "depth": "depth", "kernel": "kernel_size", "patch": "patch_size",
-                "activation": "activation", "skip_period": "skip_period"}
+# Settings that never appear as "varied" columns: those that do not change what is computed, and the seed (the
+# repetition index's business).
+NOT_SETTINGS = RUNTIME_FIELDS | {"seed"}
 DEFAULT_IMAGE_SIZE = {"tiny-imagenet": 64}
 DEFAULT_CLASSES = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
 JPEG_NOTE = ("Our CIFAR-10 copy is JPEG-degraded (quality 75, 4:2:0; see `../shared/data/README.md`): expect "
@@ -87,31 +90,14 @@ def load_manifest(sweep_dir: Path) -> dict:
         raise UserError(f"{path} is not valid JSON; rerun the `isoconv ablate` command to rewrite it") from None
 
 
-def read_summary(run_dir: Path) -> Optional[dict]:
-    """summary.json, or None when it is missing or was cut short (then the run counts as unfinished)."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def run_state(run_dir: Path) -> str:
-    if read_summary(run_dir) is not None:
-        return "done"
-    if (run_dir / "error.txt").is_file():
-        return "failed"
-    if (run_dir / "last.pt").is_file():
-        return "partial"
-    return "pending"
-
-
 def read_run(run_dir: Path, repetition: int, seed: int) -> RunResult:
-    state = run_state(run_dir)
+    run = RunDir(run_dir)
+    state = run.state()
     result = RunResult(repetition, seed, run_dir, state)
     if state == "done":
-        result.summary = read_summary(run_dir)
+        result.summary = run.read_summary()
     elif state == "failed":
-        result.error = (run_dir / "error.txt").read_text().strip()
+        result.error = run.error.read_text().strip()
     return result
 
 
@@ -139,14 +125,12 @@ def collect(sweep_dir: Path, manifest: Optional[dict] = None) -> list[VariantRes
 
 def effective_settings(config: dict) -> dict:
     """The config with model-shape fields left None filled from the model preset's defaults."""
-    from ..models import model_info
-
     out = dict(config)
     try:
         defaults = model_info(config["model"])["defaults"]
     except Exception:  # an unknown or custom model: show the settings as given
         return out
-    for name, kw in MODEL_FIELDS.items():
+    for name, kw in MODEL_KWARGS.items():
         if out.get(name) is None and kw in defaults:
             out[name] = defaults[kw]
     return out
@@ -169,8 +153,7 @@ def fill_model_numbers(v: VariantResult) -> None:
         DEFAULT_CLASSES.get(v.config.get("dataset"), 10)
     image_size = v.config.get("image_size") or checkpoint_image_size(v) or \
         DEFAULT_IMAGE_SIZE.get(v.config.get("dataset"), 32)
-    overrides = {kw: v.config[f] for f, kw in {**MODEL_FIELDS, "drop_path": "drop_path_rate"}.items()
-                 if v.config.get(f) is not None}
+    overrides = {kw: v.config[f] for f, kw in MODEL_KWARGS.items() if v.config.get(f) is not None}
     try:
         params, flops = model_numbers(v.config["model"], classes, image_size, json.dumps(overrides, sort_keys=True))
     except Exception:  # a model this isoconv cannot build: leave the columns empty rather than fail the report
@@ -182,7 +165,7 @@ def fill_model_numbers(v: VariantResult) -> None:
 def checkpoint_image_size(v: VariantResult) -> Optional[int]:
     """The image size a run trained at, from its checkpoint's data meta (None when unknown)."""
     for r in v.runs:
-        path = r.run_dir / "last.pt"
+        path = RunDir(r.run_dir).checkpoint
         if path.is_file():
             return stored_image_size(str(path), path.stat().st_mtime_ns)
     return None
@@ -190,8 +173,6 @@ def checkpoint_image_size(v: VariantResult) -> Optional[int]:
 
 @functools.lru_cache(maxsize=64)
 def stored_image_size(path: str, mtime_ns: int) -> Optional[int]:  # mtime_ns: reread a rewritten checkpoint
-    from ..train.checkpoint import load_checkpoint
-
     try:
         return int(load_checkpoint(Path(path)).get("data", {})["image_size"])
     except (UserError, KeyError, TypeError, ValueError):
@@ -200,11 +181,6 @@ def stored_image_size(path: str, mtime_ns: int) -> Optional[int]:  # mtime_ns: r
 
 @functools.lru_cache(maxsize=256)
 def model_numbers(model: str, num_classes: int, image_size: int, overrides_json: str) -> tuple[int, int]:
-    import torch
-
-    from ..models import count_params, create_model
-    from ..models.flops import forward_flops
-
     with torch.device("meta"):  # no memory, no init cost
         net = create_model(model, num_classes=num_classes, **json.loads(overrides_json))
     return count_params(net), forward_flops(net, image_size)
@@ -377,12 +353,6 @@ def results_markdown(manifest: dict, variants: list[VariantResult]) -> str:
     if pending:
         parts.append(f"- {pending} run(s) not finished yet; rerun the command above to continue them.")
     return "\n".join(parts).rstrip() + "\n"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_results(sweep_dir: Path, manifest: Optional[dict] = None) -> list[VariantResult]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import inspect
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .load import (INSTALL_HINT, TORCHSCRIPT_META_FILE, OnnxModel, import_onnxruntime, model_format, read_model,
-                   read_torchscript)
-from .meta import META_KEY, ModelMeta
+from ..fileio import atomic_write_with
+from ..weights.files import INSTALL_HINT, model_format
+from ..weights.meta import META_KEY, ModelMeta
+from .load import TORCHSCRIPT_META_FILE, OnnxModel, import_onnxruntime, read_model, read_torchscript
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "safetensors": "model.safetensors"}
@@ -90,20 +89,12 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, then rename: `out` is never half-written."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}; check the folder and its permissions") from None
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an exported model is meant to be shared
-        os.replace(tmp, out)
+        atomic_write_with(out, write)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot write {out}: {e.strerror or e}; check the free space and permissions") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def onnx_bytes(model: nn.Module, meta: ModelMeta, example: torch.Tensor, dynamic_batch: bool) -> bytes:

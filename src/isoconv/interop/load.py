@@ -7,20 +7,21 @@ recognised from the content where the suffix is ambiguous (TorchScript files are
 from __future__ import annotations
 
 import warnings
-import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple, Union
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..train.checkpoint import load_checkpoint
-from .meta import META_KEY, ModelMeta
+from ..runtime import resolve_device
+from ..weights.checkpoint import load_checkpoint
+from ..rundir import CHECKPOINT_NAME
+from ..weights.files import INSTALL_HINT, model_format, read_safetensors, strip_wrapper_prefixes
+from ..weights.meta import META_KEY, ModelMeta
 from .preprocess import Preprocess
 
 TORCHSCRIPT_META_FILE = "isoconv.json"
-INSTALL_HINT = "pip install 'isoconv[export]'"
 
 
 class LoadedModel(NamedTuple):
@@ -45,39 +46,6 @@ def preprocess_for(meta: ModelMeta) -> Preprocess:
                       classes=tuple(meta.classes))
 
 
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    from ..train.loop import resolve_device as resolve
-
-    return device if isinstance(device, torch.device) else resolve(device)
-
-
-def model_format(path: Path) -> str:
-    """One of run, checkpoint, safetensors, onnx, torchscript."""
-    if path.is_dir():
-        if not (path / "last.pt").is_file():
-            raise UserError(f"{path} is a folder without last.pt; pass a run directory, a checkpoint or an exported "
-                            f"model file")
-        return "run"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass a run directory, a checkpoint, or a .safetensors, .onnx or "
-                        f"TorchScript file")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return "safetensors"
-    if suffix == ".onnx":
-        return "onnx"
-    return "torchscript" if is_torchscript_file(path) else "checkpoint"
-
-
-def is_torchscript_file(path: Path) -> bool:
-    """TorchScript archives hold compiled code and constants; torch.save archives hold only data."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
 def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
     """The model (eval mode, on device) and its metadata."""
     fmt = model_format(path)
@@ -92,7 +60,7 @@ def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
             raise UserError(f"{path} holds weights without isoconv metadata (config, classes, image size); "
                             f"export it with `isoconv export`, or start training from it with --pretrained")
     else:
-        ckpt_path = path / "last.pt" if fmt == "run" else path
+        ckpt_path = path / CHECKPOINT_NAME if fmt == "run" else path
         ckpt = load_checkpoint(ckpt_path)
         state, meta = ckpt["model"], ModelMeta.from_checkpoint(ckpt, str(ckpt_path))
     return build_with_weights(meta, state, str(path)).to(device).eval(), meta
@@ -109,31 +77,6 @@ def build_with_weights(meta: ModelMeta, state: dict[str, torch.Tensor], source: 
         raise UserError(f"the weights in {source} do not match its stored config ({detail[:200]}); the file was "
                         f"altered or written by another tool") from None
     return model
-
-
-def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
-    """Drop the prefixes DataParallel (module.) and torch.compile (_orig_mod.) put on every key."""
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
-    """(tensors, ModelMeta or None when the file has no isoconv metadata)."""
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise UserError(f"reading {path} needs the safetensors package: {INSTALL_HINT}") from None
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
-        raise UserError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:160]}); the file is "
-                        f"truncated or not a safetensors file") from None
-    meta = ModelMeta.from_json(metadata[META_KEY], str(path)) if META_KEY in metadata else None
-    return tensors, meta
 
 
 def read_torchscript(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:

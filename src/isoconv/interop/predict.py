@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
-from torch import nn
 
 from ..data.images import BadImageError
 from ..errors import UserError
-from .load import load
+from ..eval.evaluate import predict_logits
+from ..runtime import resolve_device, resolve_precision
+from .load import OnnxModel, preprocess_for, read_model
 from .preprocess import Preprocess, collect_image_paths
 
 
@@ -54,14 +55,19 @@ def predict_files(target: Union[str, Path], inputs: Iterable[Union[str, Path]], 
     if not paths:
         raise UserError(f"no image files found in {', '.join(map(str, inputs))}; pass image files, folders or glob "
                         f"patterns")
-    model, preprocess = load(target, device)
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = resolve_device(device)
+    model, meta = read_model(Path(target), dev)
+    preprocess = preprocess_for(meta)
+    precision = "fp32" if isinstance(model, (OnnxModel, torch.jit.ScriptModule)) else \
+        resolve_precision(meta.config.get("amp", "off"), dev)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*padding='same' with even kernel")  # a note on speed only
         for start in range(0, len(paths), batch_size):
             images, names = decode_batch(paths[start:start + batch_size], preprocess, result, warn)
             if names:
-                probs = class_probabilities(model, preprocess(images).to(dev), tta_flip)
+                logits = predict_logits(model, torch.stack(images), preprocess.mean, preprocess.std, device=dev,
+                                        precision=precision, tta_flip=tta_flip)
+                probs = logits.softmax(1).cpu()
                 result.predictions.extend(top_predictions(names, probs, preprocess.classes, top_k))
     return result
 
@@ -78,15 +84,6 @@ def decode_batch(paths: Sequence[Path], preprocess: Preprocess, result: PredictR
             result.skipped.append((str(path), reason))
             warn(f"isoconv: skipped {path}: {reason}")
     return images, names
-
-
-@torch.no_grad()
-def class_probabilities(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
-    """Softmax over classes; with tta_flip the mean of the plain and the mirrored image's softmax."""
-    probs = model(x).float().softmax(1)
-    if tta_flip:
-        probs = (probs + model(x.flip(3)).float().softmax(1)) / 2
-    return probs.cpu()
 
 
 def top_predictions(names: Sequence[str], probs: torch.Tensor, classes: Sequence[str],

@@ -1,11 +1,12 @@
 """Model definitions (ConvMixer, ConvMixer-XL, small ConvNeXt) and the preset registry."""
 from .convmixer import ConvMixer
 from .convnext import ConvNeXt, DropPath
-from .registry import count_params, create_model, list_models, model_info, register_model
+from .registry import build_model, count_params, create_model, list_models, model_info, register_model
 
 __all__ = [
     "ConvMixer",
     "ConvNeXt",
+    "build_model",
     "DropPath",
     "count_params",
     "create_model",

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from ..config import TrainConfig
 from ..errors import ConfigError
 from .convmixer import ConvMixer
 from .convnext import ConvNeXt
@@ -113,6 +114,11 @@ def _lookup(name: str) -> _Entry:
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build preset ``name``; ``overrides`` are constructor kwargs (``None`` values are ignored)."""
     return _lookup(name).fn(**overrides)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, image_size: Optional[int]) -> nn.Module:
+    """cfg's model preset with cfg's explicit shape overrides, for this many classes and this image size."""
+    return create_model(cfg.model, num_classes=num_classes, image_size=image_size, **cfg.model_overrides())
 
 
 def list_models() -> list[str]:

@@ -1,4 +1,4 @@
-"""TensorBoard logging of every per-epoch scalar (`isoconv train --tensorboard`), in RUN_DIR/tensorboard."""
+"""TensorBoard sink of the training loop: every per-epoch scalar (`isoconv train --tensorboard`)."""
 from __future__ import annotations
 
 import math
@@ -26,10 +26,10 @@ def summary_writer_class():
 class TensorBoardLogger:
     """Writes one scalar per numeric metrics-row key at step = epoch; flushed every epoch so a crash loses nothing."""
 
-    def __init__(self, run_dir: Path, start_epoch: int = 0):
+    def __init__(self, folder: Path, start_epoch: int = 0):
         writer_class = summary_writer_class()
         # purge_step drops events a crashed attempt wrote after the checkpoint we resume from
-        self.writer = writer_class(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_epoch + 1)
+        self.writer = writer_class(log_dir=str(folder), purge_step=start_epoch + 1)
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         step = int(row["epoch"])
@@ -51,6 +51,6 @@ class NoLogger:
         pass
 
 
-def open_tensorboard(run_dir: Path, start_epoch: int = 0, enabled: bool = True):
-    """A TensorBoardLogger for RUN_DIR/tensorboard, or a logger that does nothing when not enabled."""
-    return TensorBoardLogger(run_dir, start_epoch) if enabled else NoLogger()
+def open_tensorboard(folder: Path, start_epoch: int = 0, enabled: bool = True):
+    """A TensorBoardLogger writing to `folder` (a run's RUN_DIR/tensorboard), or one that does nothing."""
+    return TensorBoardLogger(folder, start_epoch) if enabled else NoLogger()

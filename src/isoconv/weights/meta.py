@@ -13,6 +13,7 @@ import torch
 
 from ..config import TrainConfig, apply_overrides
 from ..errors import UserError
+from ..models import build_model
 
 META_KEY = "isoconv"
 FORMAT_VERSION = 1
@@ -41,8 +42,6 @@ class ModelMeta:
 
     def build_model(self, source: str) -> torch.nn.Module:
         """The architecture with fresh weights, on the current default device."""
-        from ..train.loop import build_model
-
         return build_model(self.train_config(source), len(self.classes), self.image_size)
 
     def to_json(self) -> str:

@@ -19,6 +19,7 @@ difference is an error naming a mismatching tensor and the architecture the file
 """
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -28,10 +29,14 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..config import TrainConfig, apply_overrides
 from ..errors import UserError
-from ..models import ConvMixer, ConvNeXt
-from ..train import checkpoint as checkpoint_module
-from .load import model_format, read_safetensors, strip_wrapper_prefixes
+from ..rundir import CHECKPOINT_NAME
+from ..models import ConvMixer, ConvNeXt, build_model
+from . import checkpoint as checkpoint_module
+from .files import model_format, read_safetensors, strip_wrapper_prefixes
+
+log = logging.getLogger(__name__)
 
 HEAD_KEYS = ("head.weight", "head.bias")
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "state_dict_ema", "module")
@@ -136,7 +141,7 @@ def read_weights(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], Optio
     if fmt == "safetensors":
         state, meta = read_safetensors(path)
         return strip_wrapper_prefixes(state), (meta.config if meta else None), fmt
-    file = path / "last.pt" if fmt == "run" else path
+    file = path / CHECKPOINT_NAME if fmt == "run" else path
     obj = load_torch_file(file)
     state = strip_wrapper_prefixes(find_state_dict(obj, file))
     config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
@@ -276,8 +281,7 @@ def squeezed(shape) -> tuple[int, ...]:
     return tuple(d for d in shape if d != 1)
 
 
-def load_pretrained_into(model: nn.Module, path: Union[str, Path], log: Optional[Callable[[str], None]] = print
-                         ) -> PretrainedReport:
+def load_pretrained_into(model: nn.Module, path: Union[str, Path]) -> PretrainedReport:
     """Copy the weights in `path` into `model` (in place) and return (and log) what was done with each tensor."""
     state, source_config, kind = read_weights(path)
     family = model_family(model)
@@ -293,9 +297,8 @@ def load_pretrained_into(model: nn.Module, path: Union[str, Path], log: Optional
     new_state = match_tensors(target, converted, report, family, str(path))
     model.load_state_dict(new_state, strict=True)
     report.notes.extend(parameter_free_differences(model, source_config))
-    if log is not None:
-        for line in report.lines():
-            log(line)
+    for line in report.lines():
+        log.info(line)
     return report
 
 
@@ -352,9 +355,6 @@ def parameter_free_differences(model: nn.Module, source_config: Optional[dict[st
     """Settings that change the function but not the tensors (activation, ConvMixer-XL skips) of an isoconv source."""
     if not source_config or not hasattr(model, "config"):
         return []
-    from ..config import TrainConfig, apply_overrides
-    from ..train.loop import build_model
-
     try:
         cfg = apply_overrides(TrainConfig(), source_config, "pretrained config")
         with torch.device("meta"):

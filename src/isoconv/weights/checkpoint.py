@@ -1,32 +1,36 @@
-"""Atomic, verified checkpoint files, loaded with weights_only=True so a checkpoint can never run code.
+"""Checkpoints: plain `torch.save` files that `torch.load(path, weights_only=True)` opens, written atomically and
+verified on load.
 
-File format: a fixed header (magic, payload length, SHA-256 of the payload) followed by the payload,
-which is an ordinary `torch.save` stream. The header lets a truncated or bit-flipped file be detected
-before anything is unpickled. Files without the header (plain `torch.save` files) still load.
+Integrity: the saved dict carries `sha256`, a digest of everything else in it (every tensor's dtype, shape and
+bytes, every other value's repr, in key order). A truncated file fails to unzip; a bit flip inside fails the
+digest. Either way the loader falls back to the previous good checkpoint.
 
-Writing keeps the previous good checkpoint as `<name>.prev.pt` (a hard link, so `last.pt` exists at
-every moment), writes the new one to a temporary file, fsyncs it and renames it over `last.pt`.
+Writing keeps the previous good checkpoint as `<name>.prev.pt` (a hard link, so `last.pt` exists at every
+moment), writes the new one to a temporary file, fsyncs it and renames it over `last.pt` (`isoconv.fileio`).
+Files written by isoconv 0.1 (a 56-byte header with the digest in front of the torch.save stream) still load.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
+import logging
 import os
 import pickle
 import re
 import shutil
 import struct
-import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
 from ..errors import UserError
+from ..fileio import DISK_FULL, atomic_write, remove_stale_temporaries
 
-MAGIC = b"ISOCONV-CKPT-v1\n"
+log = logging.getLogger(__name__)
+
+DIGEST_KEY = "sha256"
+MAGIC = b"ISOCONV-CKPT-v1\n"  # isoconv 0.1's header, read for one release
 _HEADER = struct.Struct(f"<{len(MAGIC)}sQ32s")  # magic, payload length, sha256
 
 
@@ -40,38 +44,45 @@ def previous_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
+def content_digest(obj: Any) -> str:
+    """sha256 over a nested state (dicts in key order, lists, tensors by dtype/shape/bytes, other values by repr)."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, dict):
+            h.update(b"{")
+            for k in sorted(o, key=repr):
+                walk(k)
+                walk(o[k])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        elif isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(o.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(f"{type(o).__name__}:{o!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def encode_checkpoint(state: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    return _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
-
-
-def _write_file(path: str, data: bytes) -> None:
-    """Write and fsync (a separate function so tests can simulate a full disk)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform (e.g. Windows); the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    torch.save({**state, DIGEST_KEY: content_digest(state)}, buf)
+    return buf.getvalue()
 
 
 def _keep_previous(path: Path) -> None:
     """Make `<name>.prev.pt` the current `path` without ever leaving `path` missing."""
+    if not path.exists():
+        return
     prev = previous_path(path)
-    tmp = prev.with_name(f".{prev.name}.tmp")
+    tmp = prev.with_name(f".{prev.name}.link.tmp")
     tmp.unlink(missing_ok=True)
     try:
         os.link(path, tmp)
@@ -80,14 +91,7 @@ def _keep_previous(path: Path) -> None:
     os.replace(tmp, prev)
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary files left by a writer that was killed mid-write (one writer per run, so none is live)."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = True,
-                    _hook: Optional[Callable[[str], None]] = None) -> None:
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` atomically; the previous file survives as `<name>.prev.pt`.
 
     A crash at any moment leaves `path` holding either the old checkpoint or the new one. A full disk
@@ -95,30 +99,17 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = Tru
     """
     path = Path(path)
     data = encode_checkpoint(state)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        if _hook is not None:  # test hook: write half the file first, then pause (see tests/test_crash.py)
-            _write_file(tmp, data[: len(data) // 2])
-            _hook("checkpoint-write")
-        _write_file(tmp, data)
-        if keep_previous and path.exists():
-            _keep_previous(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        _remove_stale_temporaries(path)
+        atomic_write(path, data, before_replace=_keep_previous)
+        remove_stale_temporaries(path)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in DISK_FULL:
             kept = f"the previous checkpoint {path} is intact" if path.exists() else "no checkpoint was written yet"
             raise UserError(f"no space left on the device writing checkpoint {path} ({len(data) / 1e6:.1f} MB); "
                             f"{kept}; free some space, then resume with `isoconv train --resume {path.parent}`"
                             ) from None
         raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; check the folder's permissions "
                         f"and space") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _decode(path: Path, data: bytes) -> bytes:
@@ -165,13 +156,16 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
                                      f"delete it or resume from another run") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not an isoconv checkpoint (no model/config entries)")
+    digest = state.pop(DIGEST_KEY, None)
+    if digest is not None and digest != content_digest(state):
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt (checksum mismatch); delete it or resume "
+                                     f"from another run")
     return state
 
 
-def load_latest_checkpoint(path: Path, warn: Callable[[str], None] = None) -> dict[str, Any]:
+def load_latest_checkpoint(path: Path) -> dict[str, Any]:
     """`path`, or — when it is missing, truncated or corrupt — the previous good checkpoint, with a warning."""
     path = Path(path)
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
     try:
         return load_checkpoint(path)
     except CorruptCheckpointError as e:
@@ -185,5 +179,5 @@ def load_latest_checkpoint(path: Path, warn: Callable[[str], None] = None) -> di
         raise UserError(f"{problem}; no previous checkpoint {prev.name} to fall back to") from None
     state = load_checkpoint(prev)
     where = f"epoch {state.get('epoch')}" + (f" step {state['step']}" if state.get("step") else "")
-    warn(f"isoconv: warning: {problem}; falling back to the previous checkpoint {prev} ({where})")
+    log.warning(f"{problem}; falling back to the previous checkpoint {prev} ({where})")
     return state

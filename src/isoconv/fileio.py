@@ -1,0 +1,80 @@
+"""Atomic file writes: every file isoconv writes appears whole or not at all.
+
+The data goes to a temporary file in the same folder, is fsynced, then renamed over the target (a rename within
+one folder is atomic on POSIX and Windows), and the folder is fsynced so the rename survives a power cut.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform (e.g. Windows); the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_and_sync(path: Union[str, Path], data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: Union[str, Path], data: Union[bytes, str],
+                 before_replace: Callable[[Path], None] = lambda target: None) -> None:
+    """Write `data` (text is UTF-8 encoded) to `path` atomically. `before_replace(path)` runs after the new data is
+    safely on disk and just before it replaces `path` (the checkpoint writer keeps the previous file there).
+    On any error the temporary file is removed and the old `path`, if any, is untouched."""
+    payload = data.encode() if isinstance(data, str) else data
+    atomic_write_with(path, lambda tmp: write_and_sync(tmp, payload), before_replace)
+
+
+def atomic_write_with(path: Union[str, Path], write: Callable[[Path], None],
+                      before_replace: Callable[[Path], None] = lambda target: None) -> None:
+    """Like atomic_write, for writers that need a file name (`write(tmp_path)`, e.g. an ONNX exporter)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
+        before_replace(path)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of `path` left by a writer that was killed mid-write."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def append_line(path: Union[str, Path], line: str) -> None:
+    """Append one line and fsync: after a crash the file ends at a whole line or at most one line short."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())

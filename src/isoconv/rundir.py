@@ -1,0 +1,119 @@
+"""The run folder: the one definition of what a run writes where, and how its files are read back.
+
+    config.yaml      every resolved setting (written when the run starts)
+    metrics.jsonl    one JSON row per finished epoch
+    last.pt          the latest checkpoint (last.prev.pt: the one before it)
+    summary.json     final metrics and facts about the run (its presence means the run finished)
+    report.txt       the per-class classification report
+    error.txt        why an ablation run failed (it is retried next time)
+    tensorboard/     scalars, with --tensorboard
+
+Every file is written atomically (`isoconv.fileio`); metrics rows are appended and fsynced one by one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .fileio import append_line, atomic_write
+
+CHECKPOINT_NAME = "last.pt"
+RUNS_FOLDER = Path("runs")
+
+
+class RunDir:
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @classmethod
+    def new(cls, model: str) -> "RunDir":
+        return cls(RUNS_FOLDER / f"{time.strftime('%Y%m%d-%H%M%S')}-{model}")
+
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    checkpoint = property(lambda self: self.path / CHECKPOINT_NAME)
+    previous_checkpoint = property(lambda self: self.path / "last.prev.pt")
+    summary = property(lambda self: self.path / "summary.json")
+    report = property(lambda self: self.path / "report.txt")
+    error = property(lambda self: self.path / "error.txt")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint.is_file() or self.previous_checkpoint.is_file()
+
+    # ------------------------------------------------------------------ writing
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write(self.config, yaml.safe_dump(config, sort_keys=False))
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        append_line(self.metrics, json.dumps(row))
+
+    def write_summary(self, summary: dict[str, Any], report: str) -> None:
+        atomic_write(self.report, report)
+        atomic_write(self.summary, json.dumps(summary, indent=2))  # last: its presence means "finished"
+
+    def write_error(self, message: str) -> None:
+        atomic_write(self.error, message.rstrip("\n") + "\n")
+
+    def remove_unfinished(self, created: bool) -> None:
+        """A run that never wrote a checkpoint leaves nothing behind for later commands to misread."""
+        if created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for path in (self.config, self.metrics):
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reading
+
+    def read_config(self) -> Optional[dict[str, Any]]:
+        try:
+            data = yaml.safe_load(self.config.read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every whole row (a row cut short by a crash mid-append is left out)."""
+        try:
+            lines = self.metrics.read_text().splitlines()
+        except OSError:
+            return []
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    def read_summary(self) -> Optional[dict[str, Any]]:
+        """summary.json, or None when it is missing or unreadable (then the run counts as unfinished)."""
+        try:
+            return json.loads(self.summary.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def state(self) -> str:
+        """done | failed | partial (resumable) | pending."""
+        if self.read_summary() is not None:
+            return "done"
+        if self.error.is_file():
+            return "failed"
+        if self.checkpoint.is_file():
+            return "partial"
+        return "pending"

@@ -1,0 +1,95 @@
+"""From a TrainConfig to the objects a run trains with: device, data, model, optimiser, batches and the step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..augment import BatchAugment, MixupCutmix
+from ..augment.reference import torchvision_train_transform
+from ..config import TrainConfig
+from ..data import load_data
+from ..data.loaders import DeviceLoader, TorchvisionLoader
+from ..models import build_model
+from ..runtime import PRECISIONS, compile_model, resolve_device, resolve_precision
+from ..weights import load_pretrained_into
+from . import distributed as ddp
+from .distributed import SINGLE, Dist
+from .step import TrainStep
+
+
+@dataclass
+class Training:
+    """Everything a run trains with. `model` holds the parameters; `step.model` is what steps call (compiled
+    and/or DDP-wrapped) and `eval_model` what evaluation calls."""
+
+    cfg: TrainConfig
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16
+    generator: torch.Generator  # data order, augmentation and mixing
+    train_ds: Any
+    test_ds: Any
+    model: torch.nn.Module
+    eval_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: Any
+    step: TrainStep
+    dist: Dist = SINGLE
+
+
+def build_loader(cfg: TrainConfig, train, generator: torch.Generator, device: torch.device, dist: Dist = SINGLE):
+    aug = dict(image_size=train.image_size, mean=train.mean, std=train.std, scale=cfg.scale,
+               translate=cfg.translate, hflip=cfg.hflip, ra_n=cfg.ra_n, ra_m=cfg.ra_m, jitter=cfg.jitter,
+               reprob=cfg.reprob, no_aug=cfg.no_aug)
+    if cfg.loader == "torchvision":
+        return TorchvisionLoader(train, cfg.batch_size, torchvision_train_transform(**aug), generator, device,
+                                 workers=cfg.workers, rank=dist.rank, world_size=dist.world_size)
+    return DeviceLoader(train, cfg.batch_size, BatchAugment(**aug), generator, world_size=dist.world_size)
+
+
+def build_optimizer(cfg: TrainConfig, model, device: torch.device, precision: str):
+    """AdamW on all parameters (lr is set every step by the schedule) and the fp16 grad scaler."""
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters on a GPU
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.wd, eps=cfg.opt_eps, **fused)
+    return optimizer, torch.amp.GradScaler(device.type, enabled=PRECISIONS[precision] == torch.float16)
+
+
+def build_mix(cfg: TrainConfig, num_classes: int) -> MixupCutmix:
+    mixup, cutmix = (0.0, 0.0) if cfg.no_aug else (cfg.mixup, cfg.cutmix)
+    return MixupCutmix(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob,
+                       label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE) -> Training:
+    """Seeded device, data, model, optimiser, batches and step for cfg, as train() and the benchmark use them.
+
+    When resuming, the checkpoint supplies the weights, so --pretrained is not read again. Under torchrun (`dist`)
+    each process uses its own device, local rank 0 loads (and caches) the data first, and the model is wrapped in
+    DistributedDataParallel (with --sync-bn, its BatchNorm layers share statistics across processes)."""
+    device = dist.device if dist.enabled else resolve_device(cfg.device)
+    precision = resolve_precision(cfg.amp, device)
+    with torch.device("meta"):  # shape errors before any data is read or downloaded
+        build_model(cfg, num_classes=10, image_size=None)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    with ddp.main_process_first(dist):
+        train_ds, test_ds = load_data(cfg, device)
+    model = build_model(cfg, train_ds.num_classes, train_ds.image_size).to(device)
+    if cfg.pretrained and not resuming:
+        load_pretrained_into(model, cfg.pretrained)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.enabled and cfg.sync_bn:
+        model = ddp.convert_sync_batchnorm(model, device)
+    optimizer, scaler = build_optimizer(cfg, model, device, precision)
+    step_model = ddp.wrap_ddp(model, dist) if dist.enabled else model
+    step_model = compile_model(step_model, device) if cfg.compile else step_model
+    eval_model = (compile_model(model, device) if cfg.compile else model) if dist.enabled else step_model
+    step = TrainStep(step_model, optimizer, scaler, build_mix(cfg, train_ds.num_classes), gen, device=device,
+                     precision=precision, channels_last=cfg.channels_last, clip_norm=cfg.clip_norm,
+                     label_smoothing=cfg.label_smoothing, skip_nonfinite=cfg.skip_nonfinite, compiled=cfg.compile)
+    return Training(cfg, device, precision, gen, train_ds, test_ds, model, eval_model, optimizer, scaler,
+                    build_loader(cfg, train_ds, gen, device, dist), step, dist)

@@ -1,0 +1,67 @@
+"""Recognising and reading weight files: which format a path holds, safetensors with isoconv metadata, and the
+key prefixes that wrappers (DataParallel, torch.compile) add."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..rundir import CHECKPOINT_NAME
+from .meta import META_KEY, ModelMeta
+
+INSTALL_HINT = "pip install 'isoconv[export]'"
+
+
+def model_format(path: Path) -> str:
+    """One of run, checkpoint, safetensors, onnx, torchscript."""
+    if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise UserError(f"{path} is a folder without {CHECKPOINT_NAME}; pass a run directory, a checkpoint or "
+                            f"an exported model file")
+        return "run"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a run directory, a checkpoint, or a .safetensors, .onnx or "
+                        f"TorchScript file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix == ".onnx":
+        return "onnx"
+    return "torchscript" if is_torchscript_file(path) else "checkpoint"
+
+
+def is_torchscript_file(path: Path) -> bool:
+    """TorchScript archives hold compiled code and constants; torch.save archives hold only data."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop the prefixes DataParallel (module.) and torch.compile (_orig_mod.) put on every key."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """(tensors, ModelMeta or None when the file has no isoconv metadata)."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise UserError(f"reading {path} needs the safetensors package: {INSTALL_HINT}") from None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise UserError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:160]}); the file is "
+                        f"truncated or not a safetensors file") from None
+    meta = ModelMeta.from_json(metadata[META_KEY], str(path)) if META_KEY in metadata else None
+    return tensors, meta
