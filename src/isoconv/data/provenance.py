@@ -1,8 +1,8 @@
 """What data a run actually used: is the CIFAR copy the official release, and which test images were evaluated.
 
 `verify_data(dataset, root)` compares each file of a CIFAR-10/100 folder with the official release's per-file
-md5 (the tables torchvision's CIFAR10/CIFAR100 check, copied below). The md5s are computed once and cached in a
-small JSON keyed by the files' names, sizes and mtimes: `$ISOCONV_CACHE` if set, else `.isoconv-cache/` in the
+md5 (the tables torchvision's CIFAR10/CIFAR100 check, copied below). Each md5 is computed once and cached in a
+small JSON with the file's size and mtime (a changed file is hashed again): `$ISOCONV_CACHE` if set, else `.isoconv-cache/` in the
 dataset folder, else (folder read-only) `~/.cache/isoconv/cache`. The result is a plain dict (the "verdict") that
 training stores in summary.json as `data_provenance`; `data_statement` and `test_set_description` turn the
 verdict and the test-split facts into the sentences reports print (no machine-specific paths).
@@ -87,26 +87,38 @@ def file_md5(path: Path) -> str:
 
 
 def cached_md5s(folder: Path, dataset: str, names: List[str]) -> Dict[str, str]:
-    """{name: md5} of folder/name, read from the cache when no file's size or mtime changed, else computed."""
-    listing = []
+    """{name: md5} of folder/name: a file whose size and mtime match the cache is not read again."""
+    stats = {}
     for n in names:
         st = (folder / n).stat()
-        listing.append([n, st.st_size, st.st_mtime_ns])
-    key = digest({"format": CACHE_FORMAT, "files": listing})
+        stats[n] = [st.st_size, st.st_mtime_ns]
     stem = f"{dataset}-{digest(str(folder.resolve()))[:8]}-md5s.json"
+    known: Dict[str, str] = {}
     for path in cache_candidates(folder, stem):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(doc, dict) and doc.get("key") == key and isinstance(doc.get("md5"), dict) \
-                and set(doc["md5"]) == set(names):
-            return dict(doc["md5"])
-    md5s = {n: file_md5(folder / n) for n in names}
-    for path in cache_candidates(folder, stem):
-        if write_json_atomically(path, {"format": CACHE_FORMAT, "key": key, "files": listing, "md5": md5s}):
+        entries = read_cache(path)
+        known = {n: e["md5"] for n, e in entries.items() if n in stats and [e.get("size"), e.get("mtime_ns")] ==
+                 stats[n] and isinstance(e.get("md5"), str)}
+        if known:
             break
+    md5s = {n: known.get(n) or file_md5(folder / n) for n in names}
+    if len(known) < len(names):
+        doc = {"format": CACHE_FORMAT,
+               "files": {n: {"size": stats[n][0], "mtime_ns": stats[n][1], "md5": md5s[n]} for n in names}}
+        for path in cache_candidates(folder, stem):
+            if write_json_atomically(path, doc):
+                break
     return md5s
+
+
+def read_cache(path: Path) -> Dict[str, Dict[str, Any]]:
+    """The per-file entries of an md5 cache file; {} when it is missing, corrupt or of another format."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT or not isinstance(doc.get("files"), dict):
+        return {}
+    return {n: e for n, e in doc["files"].items() if isinstance(e, dict)}
 
 
 def cache_candidates(folder: Path, stem: str) -> List[Path]:
