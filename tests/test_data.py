@@ -230,9 +230,67 @@ def test_restricted_unpickler_admits_only_numpy_array_globals():
     rec = u.find_class("numpy.core.multiarray", "_reconstruct")
     assert u.find_class("numpy._core.multiarray", "_reconstruct") is rec
     for module, name in [("numpy", "load"), ("numpy.core.multiarray", "scalar"), ("builtins", "eval"),
-                         ("_codecs", "encode"), ("numpy.core.multiarray", "_reconstruct_")]:
+                         ("_codecs", "decode"), ("codecs", "encode"), ("builtins", "bytearray"),
+                         ("numpy.core.multiarray", "_reconstruct_"), ("numpy._core.numeric", "frombuffer")]:
         with pytest.raises(UserError, match=rf"x: refusing to unpickle {module}\.{name}:"):
             u.find_class(module, name)
+
+
+def test_restricted_unpickler_pins_codecs_encode_and_bytes_to_what_pickle_writes():
+    u = RestrictedUnpickler(io.BytesIO(b""), path="x")
+    encode = u.find_class("_codecs", "encode")
+    assert encode("\xff\x00a", "latin1") == b"\xff\x00a"
+    assert encode("ab", "latin-1") == b"ab"
+    for args in [("ab", "rot13"), ("ab", "zlib_codec"), (b"ab", "latin1"), ("ab", "utf-8")]:
+        with pytest.raises(ValueError, match="only allowed as str -> latin1"):
+            encode(*args)
+    empty = u.find_class("__builtin__", "bytes")
+    assert empty() == b"" and u.find_class("builtins", "bytes")() == b""
+    with pytest.raises(ValueError, match="not allowed"):
+        empty(10 ** 12)
+
+
+def _official_style_batch(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {b"batch_label": b"training batch 1 of 5",
+            b"labels": [int(x) for x in rng.integers(0, 10, n)],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [f"img_{i}.png".encode() for i in range(n - 1)] + [b""]}
+
+
+@pytest.mark.parametrize("protocol", range(0, pickle.HIGHEST_PROTOCOL + 1))
+def test_cifar_format_pickle_loads_with_every_protocol(tmp_path, protocol):
+    """Python 3 writes bytes via _codecs.encode (protocols 0-2) and arrays via _frombuffer (protocol 5)."""
+    batch = _official_style_batch(7, seed=protocol)
+    meta = {b"num_cases_per_batch": 7, b"label_names": [c.encode() for c in CLASSES], b"num_vis": 3072}
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
+
+    d = load_pickle(folder / "test_batch")
+    assert sorted(d) == ["batch_label", "data", "filenames", "labels"]
+    assert d["batch_label"] == b"training batch 1 of 5"
+    assert d["filenames"] == batch[b"filenames"]
+    assert d["labels"] == batch[b"labels"]
+    assert d["data"].dtype == np.uint8 and np.array_equal(d["data"], batch[b"data"])
+
+    ds = load_cifar10(tmp_path, train=False, download=False)
+    assert ds.classes == CLASSES
+    assert ds.labels.tolist() == batch[b"labels"]
+    assert torch.equal(ds.images.reshape(7, 3072), torch.from_numpy(batch[b"data"]))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_malicious_pickle_refused_with_every_protocol(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    batch = _official_style_batch(3, seed=0)
+    batch[b"filenames"] = _ShellPayload(marker)
+    path = tmp_path / "test_batch"
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
+    with pytest.raises(UserError, match=r"refusing to unpickle (posix|nt|os)\.system: .*malicious"):
+        load_pickle(path)
+    assert not marker.exists()
 
 
 def test_load_pickle_accepts_str_and_bytes_keys(tmp_path):

@@ -173,7 +173,13 @@ def test_results_rows_hold_mean_and_std_over_seeds(sweep):
     assert rows[0]["published_top1"] == "" and float(rows[1]["published_top1"]) == 0.5
     md = (out / "results.md").read_text()
     assert f"isoconv ablate {sweep['spec']} --seeds 2 --out {out} --data-dir" in md
-    assert "JPEG-degraded" in md and "torch" in md and "the full test set, first 48 images" in md
+    assert "torch" in md and "- **test split**: the first 48 images of the full test split" in md
+    # the shared copy is JPEG-degraded: once training records the verdict, the report says so
+    data_line = next(line for line in md.splitlines() if line.startswith("- **data**: "))
+    assert data_line.endswith(("data provenance not recorded (run made by an older isoconv)",
+                               "differs from the official release (every file's checksum differs): accuracies may "
+                               "not compare with published figures"))
+    assert rows[1]["published_comparable"].startswith("no: ") and rows[0]["published_comparable"] == ""
     mean, std = float(rows[1]["test_top1_mean"]), float(rows[1]["test_top1_std"])
     assert f"| gelu | gelu | {int(rows[1]['params']):,} |" in md and "| 50.00 |" in md
     assert f"{100 * mean:.2f} ± {100 * std:.2f}" in md

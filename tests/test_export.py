@@ -116,18 +116,44 @@ def test_even_kernel_padding_is_asymmetric_in_onnx(tmp_path):
     assert list(attrs["pads"].ints) == [1, 1, 2, 2] if "pads" in attrs else attrs["auto_pad"].s == b"SAME_UPPER"
 
 
-def test_dynamic_batch_export_runs_any_batch_size(tmp_path, capsys):
+def test_onnx_export_takes_any_batch_size_by_default(tmp_path, capsys):
     run = make_run(tmp_path / "run", model="cm-cpu", dim=16, depth=2)
-    assert main(["export", str(run), "--format", "onnx", "--dynamic-batch"]) == 0
-    assert "max abs diff vs PyTorch" in capsys.readouterr().out
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "any batch size" in out and "max abs diff vs PyTorch" in out
     session = ort_session(run / "model.onnx")
     assert isinstance(session.get_inputs()[0].shape[0], str)  # a symbolic batch dimension
+    assert isinstance(session.get_outputs()[0].shape[0], str)
     model = reference_model(run)
-    for n in (1, 3, 7):
+    for n in (1, 2, 7):
         x = batch(n, 32, seed=n)
         out = session.run(None, {"images": x.numpy()})[0]
+        assert out.shape == (n, 10)
         with torch.no_grad():
             assert np.abs(out - model(x).numpy()).max() <= MATCH_TOLERANCE
+    assert export_target(run, "onnx", tmp_path / "api.onnx").dynamic_batch  # the Python API too
+
+
+def test_dynamic_batch_flag_is_a_no_op_alias(tmp_path, capsys):
+    run = make_run(tmp_path / "run", model="cm-cpu", dim=16, depth=1)
+    assert main(["export", str(run), "--format", "onnx", "--dynamic-batch"]) == 0
+    assert "any batch size" in capsys.readouterr().out
+    assert isinstance(ort_session(run / "model.onnx").get_inputs()[0].shape[0], str)
+    assert main(["export", str(run), "--format", "onnx", "--dynamic-batch", "--static-batch"]) == 2
+    assert "--dynamic-batch contradicts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,fixed", [(["--static-batch"], 1), (["--batch-size", "1"], 1),
+                                         (["--batch-size", "3"], 3), (["--static-batch", "--batch-size", "3"], 3)])
+def test_fixed_batch_option_refuses_other_batch_sizes(tmp_path, capsys, flags, fixed):
+    run = make_run(tmp_path / "run", model="cm-cpu", dim=16, depth=1)
+    assert main(["export", str(run), "--format", "onnx", *flags]) == 0
+    assert f"batch size {fixed};" in capsys.readouterr().out
+    session = ort_session(run / "model.onnx")
+    assert session.get_inputs()[0].shape[0] == fixed
+    assert session.run(None, {"images": batch(fixed, 32).numpy()})[0].shape == (fixed, 10)
+    with pytest.raises(Exception, match=r"(?i)invalid dimensions|got: \d+ expected: " + str(fixed)):
+        session.run(None, {"images": batch(fixed + 1, 32).numpy()})
 
 
 def test_fixed_batch_onnx_is_fed_in_chunks_by_isoconv_load(tmp_path):

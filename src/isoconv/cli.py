@@ -89,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
     p.add_argument("--out", metavar="FILE", help="output file (default: model.onnx, model.torchscript.pt or "
                    "model.safetensors next to the weights)")
-    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (default: fixed)")
-    p.add_argument("--batch-size", type=int, default=1, help="ONNX: the fixed batch size (default 1)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="ONNX: fix the batch size to N (default: any batch size)")
+    p.add_argument("--static-batch", action="store_true", help="ONNX: fix the batch size (to --batch-size, default 1)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="ONNX: any batch size (the default; kept for older command lines)")
     return parser
 
 
@@ -207,9 +210,12 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    result = export_target(args.target, args.format, args.out, dynamic_batch=args.dynamic_batch,
-                           batch_size=args.batch_size)
-    batch = "any batch size" if result.dynamic_batch else f"batch size {args.batch_size}"
+    fixed = args.static_batch or args.batch_size is not None
+    if args.dynamic_batch and fixed:
+        raise UserError("--dynamic-batch contradicts --static-batch/--batch-size: choose one")
+    batch_size = (args.batch_size if args.batch_size is not None else 1) if fixed else None
+    result = export_target(args.target, args.format, args.out, batch_size=batch_size)
+    batch = "any batch size" if result.dynamic_batch else f"batch size {result.batch_size}"
     check = "" if args.format == "safetensors" else f"; max abs diff vs PyTorch {result.max_abs_diff:.1e}"
     print(f"wrote {result.path} ({args.format}, {batch}{check})")
     if result.max_abs_diff > MATCH_TOLERANCE:

@@ -1,7 +1,8 @@
 """CIFAR-10 from the official python pickles (`cifar-10-batches-py`), loaded whole into uint8 tensors.
 
-The pickles are read with a restricted unpickler that only admits the three numpy globals the
-official files use, so a tampered file cannot run code. If the folder is missing the official
+The pickles are read with a restricted unpickler that only admits the numpy globals the official
+files use, plus the harmless ones Python 3 and numpy write for the same content (`_codecs.encode`
+for bytes under protocols 0-2, `_frombuffer` for arrays under protocol 5), so a tampered file cannot run code. If the folder is missing the official
 archive is downloaded (urllib only), md5-checked and extracted atomically. The pickle helpers
 here serve CIFAR-100 too (`cifar100.py`).
 """
@@ -44,18 +45,49 @@ def _numpy_reconstruct():
     return _reconstruct
 
 
+def _numpy_frombuffer():
+    try:  # numpy >= 2
+        from numpy._core.numeric import _frombuffer
+    except ImportError:  # numpy 1.x
+        from numpy.core.numeric import _frombuffer
+    return _frombuffer
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as Python 3 pickles bytes with protocols 0-2: only str -> latin-1 bytes."""
+    # torch's weights_only unpickler admits _codecs.encode for this; we also pin the codec and argument type
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
+        raise ValueError(f"_codecs.encode is only allowed as str -> latin1 bytes, got {type(text).__name__}, "
+                         f"{encoding!r}")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """`bytes()` as Python 3 pickles an empty bytes object with protocols 0-2; any argument is refused."""
+    if args:
+        raise ValueError("bytes(...) with arguments is not allowed in a CIFAR pickle")
+    return b""
+
+
 # (module, name) -> resolver. Resolving ourselves avoids importing `numpy.core` on numpy 2
-# (deprecated alias) and guarantees nothing else can be looked up.
+# (deprecated alias) and guarantees nothing else can be looked up. Beyond the three numpy globals
+# of the official files: how Python 3 writes bytes with protocols 0-2 (`_codecs.encode`, `bytes()`
+# for b"") and how numpy writes arrays with protocol 5 (`_frombuffer`).
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _numpy_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _numpy_frombuffer,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+    ("__builtin__", "bytes"): lambda: _empty_bytes,
+    ("builtins", "bytes"): lambda: _empty_bytes,
 }
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that admits only the numpy globals found in the official CIFAR pickles."""
+    """Unpickler that admits only the globals a CIFAR-format pickle needs (see `_ALLOWED_GLOBALS`)."""
 
     def __init__(self, file, *, path: Union[str, Path] = "<pickle>", encoding: str = "latin1",
                  what: str = "CIFAR-10"):

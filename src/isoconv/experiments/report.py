@@ -7,12 +7,13 @@ from typing import Optional
 from urllib.parse import quote
 
 
+from ..data.provenance import data_statement, test_set_description
 from ..errors import UserError
 from ..fileio import atomic_write
 from ..rundir import RunDir
 from . import plots
-from .results import (JPEG_NOTE, MANIFEST, VariantResult, human_seconds, load_manifest, mean_std, pct,
-                      results_markdown, write_results)
+from .results import (MANIFEST, VariantResult, human_seconds, load_manifest, mean_std, pct, results_markdown,
+                      test_split_facts, write_results)
 
 PLOTS = "plots"
 
@@ -74,12 +75,11 @@ def write_run_report(run_dir: Path) -> Path:
                   f"| {pct(summary['test_top1'])}% | {pct(summary['test_top5'])}% | "
                   f"{summary.get('macro_f1', float('nan')):.4f} | {summary.get('params', 0):,} | "
                   f"{human_seconds(summary.get('train_seconds'))} | {summary.get('device')} ({summary.get('amp')}) | "
-                  f"{summary.get('torch')} | {summary.get('test_images', 0):,} ({config.get('test_split', 'full')} "
-                  f"split) |", ""]
+                  f"{summary.get('torch')} | {summary.get('test_images', 0):,} |", "",
+                  f"Test images: {test_set_description(*test_split_facts(summary, config))}.", "",
+                  f"Data: {data_statement(summary.get('data_provenance'))}.", ""]
     else:
         lines += [f"Not finished: {len(rows)} of {config.get('epochs', '?')} epochs logged.", ""]
-    if config.get("dataset", "cifar10") == "cifar10":
-        lines += [JPEG_NOTE, ""]
     lines += metrics_table(rows) + ["", "## Training curves", "", image(figs["curves"], run_dir, "training curves"),
                                     "", "## Learning-rate schedule", "", image(figs["lr"], run_dir, "lr schedule")]
     if "confusion" in figs:

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from ..config import MODEL_KWARGS, RUNTIME_FIELDS
+from ..data.provenance import comparable, data_statement, test_set_description
 from ..errors import UserError
 from ..fileio import atomic_write
 from ..models import count_params, create_model, model_info
@@ -32,8 +33,32 @@ MANIFEST = "sweep.json"
 NOT_SETTINGS = RUNTIME_FIELDS | {"seed"}
 DEFAULT_IMAGE_SIZE = {"tiny-imagenet": 64}
 DEFAULT_CLASSES = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
-JPEG_NOTE = ("Our CIFAR-10 copy is JPEG-degraded (quality 75, 4:2:0; see `../shared/data/README.md`): expect "
-             "about 2-3 points lower top-1 than on the original pixels the published figures were measured on.")
+
+
+def test_split_facts(summary: Optional[dict], config: dict) -> tuple[str, Optional[int], Optional[int]]:
+    """(split, subset, images in the whole test split) of a run: summary.json's record, else its config."""
+    summary = summary or {}
+    split = summary.get("test_split") or config.get("test_split") or "full"
+    subset = summary["test_subset"] if "test_subset" in summary else config.get("test_subset")
+    return split, subset, summary.get("test_images_total")
+
+
+def published_split(config: dict) -> str:
+    """The test split a config's published figure was measured on (`published.test_split`, default full)."""
+    return (config.get("published") or {}).get("test_split") or "full"
+
+
+def published_comparability(v: "VariantResult") -> tuple[bool, str]:
+    """Whether every finished run of `v` compares with its published figure, and if not, why not."""
+    if not v.done:
+        return False, "no finished run"
+    reasons = []
+    for r in v.done:
+        ok, why = comparable(r.summary.get("data_provenance"), *test_split_facts(r.summary, v.config),
+                             published_split(v.config))
+        if not ok and why not in reasons:
+            reasons.append(why)
+    return not reasons, "; ".join(reasons)
 
 
 @dataclass
@@ -230,7 +255,7 @@ def seeds_cell(v: VariantResult) -> str:
 
 CSV_FIXED = ["seeds_done", "seeds_planned", "seeds", "params", "flops", "train_seconds", "relative_train_time",
              "test_top1_mean", "test_top1_std", "test_top5_mean", "test_top5_std", "test_top1_per_seed",
-             "published_top1", "failed"]
+             "published_top1", "published_comparable", "failed"]
 
 
 def csv_text(variants: list[VariantResult]) -> str:
@@ -245,6 +270,7 @@ def csv_text(variants: list[VariantResult]) -> str:
                     ";".join(str(r.seed) for r in v.runs), blank(v.params), blank(v.flops), blank(v.train_seconds),
                     blank(v.relative_time), blank(top1), blank(top1_std), blank(top5), blank(top5_std),
                     ";".join(f"{r.seed}:{r.summary['test_top1']}" for r in v.done), blank(v.published_top1),
+                    comparable_cell(v),
                     ";".join(f"{r.seed}:{r.error}" for r in v.runs if r.state == "failed")])
     return buf.getvalue()
 
@@ -253,14 +279,22 @@ def blank(x) -> str:
     return "" if x is None else str(x)
 
 
+def comparable_cell(v: VariantResult) -> str:
+    """"yes", "no: why", or "" when the variant has no published figure."""
+    if v.published_top1 is None:
+        return ""
+    ok, why = published_comparability(v)
+    return "yes" if ok else f"no: {why}"
+
+
 def table_markdown(variants: list[VariantResult]) -> str:
     setting_keys = list(variants[0].settings) if variants else []
     show_published = any(v.published_top1 is not None for v in variants)
     header = ["variant", *setting_keys, "params", "FLOPs", "train time", "rel. time", "top-1 %", "top-5 %"]
     align = ["---"] * (1 + len(setting_keys)) + ["---:"] * 6
     if show_published:
-        header.append("published top-1 %")
-        align.append("---:")
+        header += ["published top-1 %", "comparable?"]
+        align += ["---:", "---"]
     header.append("seeds")
     align.append("---:")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
@@ -270,7 +304,7 @@ def table_markdown(variants: list[VariantResult]) -> str:
                  human_seconds(v.train_seconds), "—" if v.relative_time is None else f"{v.relative_time:.2f}",
                  pct_pm(*mean_std(v.values("test_top1"))), pct_pm(*mean_std(v.values("test_top5")))]
         if show_published:
-            cells.append(pct(v.published_top1))
+            cells += [pct(v.published_top1), comparable_cell(v) or "—"]
         cells.append(seeds_cell(v))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -285,22 +319,10 @@ def unique(values) -> list:
 
 
 def test_split_text(variants: list[VariantResult]) -> str:
-    """Which test images the numbers are on: the split, any subset, and the image counts the runs reported."""
-    splits = {}
-    for v in variants:
-        key = (v.config.get("test_split", "full"), v.config.get("test_subset"))
-        splits.setdefault(key, []).extend(r.summary.get("test_images") for r in v.done)
-    parts = []
-    for (split, subset), images in splits.items():
-        text = {"full": "the full test set",
-                "half": "a fixed random half of the test set (--test-split half)"}.get(split, split)
-        if subset:
-            text += f", first {subset:,} images"
-        counts = unique(images)
-        if counts:
-            text += f" ({', '.join(f'{n:,}' for n in counts)} images)"
-        parts.append(text)
-    return "; ".join(parts)
+    """Which test images the numbers are on, from each finished run's record (else the variant's config)."""
+    facts = [test_split_facts(r.summary, v.config) for v in variants for r in v.done]
+    facts = facts or [test_split_facts(None, v.config) for v in variants]
+    return "; ".join(unique(test_set_description(*f) for f in facts))
 
 
 def setup_lines(manifest: dict, variants: list[VariantResult]) -> list[str]:
@@ -330,12 +352,15 @@ def setup_lines(manifest: dict, variants: list[VariantResult]) -> list[str]:
         ("FLOPs", "forward FLOPs of one image (a multiply-add counts 2), PyTorch's FLOP counter"),
     ]
     lines += [f"- **{k}**: {v}" for k, v in facts]
-    if any(v.config.get("dataset") == "cifar10" for v in variants):
-        lines += [f"- **data**: {JPEG_NOTE}"]
+    statements = unique(data_statement(s.get("data_provenance")) for s in summaries)
+    if statements:
+        lines += [f"- **data**: {'; '.join(statements)}"]
     sources = unique((v.config.get("published") or {}).get("source") for v in variants
                      if v.published_top1 is not None)
     if sources:
-        lines += [f"- **published**: the seed documents' own figures, not ours: {'; '.join(sources)}"]
+        lines += [f"- **published**: the seed documents' own figures, not ours: {'; '.join(sources)}. A row is "
+                  f"comparable only when its data is the official release and it was evaluated on the published "
+                  f"figure's test split"]
     return lines
 
 

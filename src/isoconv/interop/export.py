@@ -2,7 +2,8 @@
 
 ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it exists in every supported torch
 (2.4-2.14), needs no onnxscript, exports the asymmetric padding of even "same" kernels exactly, and is
-several times faster than the dynamo exporter. Every export is checked against the PyTorch model on a
+several times faster than the dynamo exporter. ONNX files take any batch size unless a fixed `batch_size` is
+asked for (timm's convention). Every export is checked against the PyTorch model on a
 random batch and the largest absolute difference is reported.
 """
 from __future__ import annotations
@@ -35,13 +36,17 @@ MATCH_TOLERANCE = 1e-4
 class ExportResult:
     path: Path
     format: str
-    dynamic_batch: bool
+    dynamic_batch: bool  # True: any batch size; False: only `batch_size`
+    batch_size: Optional[int]  # the fixed batch size of an ONNX export, None when it is dynamic
     max_abs_diff: float  # exported model vs PyTorch on a random batch (0.0 for safetensors: same tensors)
 
 
 def export_target(target: Union[str, Path], fmt: str, out: Optional[Union[str, Path]] = None, *,
-                  dynamic_batch: bool = False, batch_size: int = 1) -> ExportResult:
-    """Export a run directory, checkpoint or isoconv .safetensors file to `fmt`."""
+                  batch_size: Optional[int] = None) -> ExportResult:
+    """Export a run directory, checkpoint or isoconv .safetensors file to `fmt`.
+
+    ONNX: `batch_size=None` (default) exports a dynamic batch axis; an int fixes the batch to that size.
+    """
     target = Path(target)
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -53,7 +58,7 @@ def export_target(target: Union[str, Path], fmt: str, out: Optional[Union[str, P
     if out_path.exists() and out_path.resolve() == target.resolve():
         raise UserError(f"--out {out_path} is the file being exported; choose another --out")
     model, meta = read_model(target, torch.device("cpu"))
-    return export_model(model, meta, fmt, out_path, dynamic_batch=dynamic_batch, batch_size=batch_size)
+    return export_model(model, meta, fmt, out_path, batch_size=batch_size)
 
 
 def default_output(target: Path, kind: str, fmt: str) -> Path:
@@ -61,27 +66,32 @@ def default_output(target: Path, kind: str, fmt: str) -> Path:
 
 
 def export_model(model: nn.Module, meta: ModelMeta, fmt: str, out: Union[str, Path], *,
-                 dynamic_batch: bool = False, batch_size: int = 1) -> ExportResult:
-    """Write `model` (with `meta` embedded) to `out` atomically and check the result against `model`."""
-    if batch_size < 1:
+                 batch_size: Optional[int] = None) -> ExportResult:
+    """Write `model` (with `meta` embedded) to `out` atomically and check the result against `model`.
+
+    ONNX: `batch_size=None` exports a dynamic batch axis, an int a graph fixed to that batch size.
+    """
+    if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    dynamic = batch_size is None
     out = Path(out)
     model = copy.deepcopy(model).to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval()
-    example = torch.zeros(batch_size, 3, meta.image_size, meta.image_size)
+    # trace a dynamic graph at batch 2 so nothing in it can specialise to a batch of 1
+    example = torch.zeros(2 if dynamic else batch_size, 3, meta.image_size, meta.image_size)
+    check_batch = 3 if dynamic else batch_size  # a dynamic export is checked at a size it was not traced at
     if fmt == "onnx":
         import_onnxruntime("checking the ONNX export")  # before anything is written
-        data = onnx_bytes(model, meta, example, dynamic_batch)
+        data = onnx_bytes(model, meta, example, dynamic)
         write_atomically(out, lambda tmp: tmp.write_bytes(data))
-        return ExportResult(out, fmt, dynamic_batch, max_abs_diff(model, OnnxModel(out), meta, batch_size,
-                                                                  dynamic_batch))
+        return ExportResult(out, fmt, dynamic, batch_size, max_abs_diff(model, OnnxModel(out), meta, check_batch))
     if fmt == "torchscript":
         traced = trace(model, example)
         write_atomically(out, lambda tmp: save_torchscript(traced, meta, tmp))
         loaded, _ = read_torchscript(out, torch.device("cpu"))
-        return ExportResult(out, fmt, True, max_abs_diff(model, loaded, meta, batch_size, True))
+        return ExportResult(out, fmt, True, None, max_abs_diff(model, loaded, meta, example.shape[0] + 1))
     if fmt == "safetensors":
         write_atomically(out, lambda tmp: save_safetensors(model, meta, tmp))
-        return ExportResult(out, fmt, True, 0.0)
+        return ExportResult(out, fmt, True, None, 0.0)
     raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
@@ -144,10 +154,8 @@ def save_safetensors(model: nn.Module, meta: ModelMeta, path: Path) -> None:
 
 
 @torch.no_grad()
-def max_abs_diff(reference: nn.Module, exported: nn.Module, meta: ModelMeta, batch_size: int,
-                 dynamic_batch: bool) -> float:
-    """Largest |exported - reference| over a seeded random batch (a different batch size when it may vary)."""
-    n = batch_size + 1 if dynamic_batch else batch_size
+def max_abs_diff(reference: nn.Module, exported: nn.Module, meta: ModelMeta, n: int) -> float:
+    """Largest |exported - reference| over a seeded random batch of `n` images."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, meta.image_size, meta.image_size, generator=gen)
     return (exported(x).float() - reference(x).float()).abs().max().item()
