@@ -7,10 +7,13 @@ torchvision pipeline (see :func:`isoconv.augment.reference.torchvision_train_tra
 
     RandomResizedCrop(size, scale=(scale, 1), ratio=(1, 1))   # bilinear, antialias
     -> RandomHorizontalFlip(0.5)
+    -> RandomVerticalFlip(0.5)                                # only with vflip=True
+    -> RandomAffine(rotate, (shift, shift), (1-zoom, 1+zoom), fill=affine_fill)  # only if any is > 0
     -> RandAugment(num_ops=ra_n, magnitude=ra_m)              # 31 bins, nearest, fill 0
     -> ColorJitter(brightness=j, contrast=j, saturation=j)
     -> ToDtype(float32, scale=True) -> Normalize(mean, std)
-    -> RandomErasing(p=reprob, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)
+    -> RandomErasing(p=reprob, scale=(0.02, erase_max_area), ratio=(0.3, 3.3),
+                     value=0 (erase_mode="const") or "random" (erase_mode="pixel"))
 
 Fidelity to torchvision (uint8 CHW tensors, transforms.v2), measured by ``tests/test_augment.py``:
 
@@ -39,6 +42,20 @@ Fidelity to torchvision (uint8 CHW tensors, transforms.v2), measured by ``tests/
   level on < 0.1% of pixels.  (A pure-float jitter without the per-op truncation would differ
   by up to ~1-2 levels everywhere; this emulation avoids that.)
 * Flip, ToDtype+Normalize and RandomErasing (value 0): exact for the same parameters.
+* Vertical flip: exact.  Affine (rotate / zoom / shift): the parameters are sampled as
+  torchvision v2 ``RandomAffine(degrees=rotate, translate=(shift, shift), scale=(1-zoom, 1+zoom))``
+  does (angle ~ U[-rotate, rotate], integer pixel shifts ``round(U[-shift*W, shift*W])``, scale
+  ~ U[1-zoom, 1+zoom], no shear); the warp builds torchvision's own inverse matrix and sampling
+  grid per image and runs one batched ``grid_sample`` with torchvision's fill-mask blending, so it
+  equals ``F.affine(img, angle, [tx, ty], scale, [0, 0], interpolation, fill)`` up to float
+  rounding of the matrix: nearest -- identical except (rarely) a pixel whose source lies exactly
+  on a rounding boundary (checked: >= 99.9% of pixels equal); bilinear -- max abs diff <= 1 gray
+  level.  The Keras seeds' RandomRotation/RandomZoom/ImageDataGenerator differ in details (fill
+  mode "reflect"/"nearest" by default, independent x/y zoom); isoconv follows torchvision.
+* Pixel-mode erasing (timm ``RandomErasing(mode="pixel")``): the box is filled with per-pixel,
+  per-channel N(0, 1) noise in normalized space.  timm's aspect range is (0.3, 1/0.3) where
+  torchvision's (used here) is (0.3, 3.3); with ``erase_after_mix`` the stage is left to the caller
+  (:meth:`BatchAugment.erase_stage` on the mixed batch), as the simple-convnext seed erases after Mixup.
 
 Randomness: every random number comes from the ``torch.Generator`` passed to ``__call__`` (on the
 same device as the images), so a run is reproducible and resumable from the generator state.
@@ -71,7 +88,15 @@ __all__ = [
     "sample_ra_ops",
     "sample_jitter_params",
     "sample_erase_boxes",
+    "sample_affine_params",
+    "affine_warp",
+    "erase_pixels",
+    "ERASE_MODES",
+    "AFFINE_INTERPOLATIONS",
 ]
+
+ERASE_MODES = ("const", "pixel")
+AFFINE_INTERPOLATIONS = ("nearest", "bilinear")
 
 # Same order as torchvision.transforms.v2.RandAugment._AUGMENTATION_SPACE.
 RA_OPS: tuple[str, ...] = (
@@ -469,6 +494,79 @@ def erase(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, apply: Ten
     return out
 
 
+def erase_pixels(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, apply: Tensor,
+                 generator: torch.Generator) -> Tensor:
+    """Like :func:`erase`, but the box gets N(0, 1) noise per pixel and channel (timm ``mode="pixel"``;
+    torchvision ``RandomErasing(value="random")``).  Noise is drawn for the whole batch from ``generator``."""
+    B, _, H, W = x.shape
+    rows = torch.arange(H, device=x.device).view(1, H, 1)
+    cols = torch.arange(W, device=x.device).view(1, 1, W)
+    t, l_ = top.view(B, 1, 1), left.view(B, 1, 1)
+    mask = (rows >= t) & (rows < t + h.view(B, 1, 1)) & (cols >= l_) & (cols < l_ + w.view(B, 1, 1))
+    mask &= apply.view(B, 1, 1)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.where(mask[:, None], noise, x)
+
+
+# --------------------------------------------------------------------------------------------
+# RandomAffine (rotate / zoom / shift) and vertical flip
+# --------------------------------------------------------------------------------------------
+
+def sample_affine_params(batch: int, height: int, width: int, rotate: float, shift: float, zoom: float,
+                         generator: torch.Generator, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-image torchvision v2 ``RandomAffine(degrees=rotate, translate=(shift, shift), scale=(1-zoom, 1+zoom))``
+    parameters: angle (degrees) ~ U[-rotate, rotate]; integer shifts tx = round(U[-shift*W, shift*W]),
+    ty likewise with H (round half to even, like Python's ``round``); scale ~ U[1-zoom, 1+zoom].
+    Returns float32 angle, int64 tx, int64 ty, float32 scale, each ``(batch,)``."""
+    u = _rand((batch, 4), generator, device)
+    angle = (2.0 * u[:, 0] - 1.0) * rotate
+    max_dx, max_dy = float(shift * width), float(shift * height)
+    tx = torch.round((2.0 * u[:, 1] - 1.0) * max_dx).long()
+    ty = torch.round((2.0 * u[:, 2] - 1.0) * max_dy).long()
+    scale = (1.0 - zoom) + 2.0 * zoom * u[:, 3]
+    return angle, tx, ty, scale
+
+
+def _inverse_affine_theta(angle: Tensor, tx: Tensor, ty: Tensor, scale: Tensor) -> Tensor:
+    """``(B, 2, 3)`` float32 inverse matrices, torchvision's ``_get_inverse_affine_matrix`` (centre (0, 0) =
+    the image centre, no shear) evaluated in float64 as it is in Python, then cast like its ``torch.tensor``."""
+    rot = torch.deg2rad(angle.double())
+    s = scale.double()
+    a, b, c, d = torch.cos(rot), -torch.sin(rot), torch.sin(rot), torch.cos(rot)
+    m0, m1, m3, m4 = d / s, -b / s, -c / s, a / s
+    txd, tyd = tx.double(), ty.double()
+    m2 = 0.0 - m0 * txd - m1 * tyd
+    m5 = 0.0 - m3 * txd - m4 * tyd
+    return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).to(torch.float32).view(-1, 2, 3)
+
+
+def affine_warp(images: Tensor, angle: Tensor, tx: Tensor, ty: Tensor, scale: Tensor, fill: float = 0.0,
+                interpolation: str = "nearest") -> Tensor:
+    """Batched per-image ``F.affine(img, angle, [tx, ty], scale, [0, 0], interpolation, fill)`` on uint8
+    ``(B, C, H, W)`` images: torchvision's sampling grid per image, one ``grid_sample``, its fill-mask blend and
+    rounding.  Returns uint8."""
+    if interpolation not in AFFINE_INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {AFFINE_INTERPOLATIONS}, got {interpolation!r}")
+    B, C, H, W = images.shape
+    dev = images.device
+    theta = _inverse_affine_theta(angle, tx, ty, scale).to(dev)
+    base = torch.empty(1, H, W, 3, dtype=torch.float32, device=dev)
+    base[..., 0].copy_(torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, steps=W, device=dev))
+    base[..., 1].copy_(torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=dev).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * W, 0.5 * H], dtype=torch.float32, device=dev))
+    grid = base.view(1, H * W, 3).expand(B, -1, -1).bmm(rescaled).view(B, H, W, 2)
+    x = torch.cat([images.to(torch.float32), torch.ones((B, 1, H, W), dtype=torch.float32, device=dev)], dim=1)
+    x = torch.nn.functional.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
+    x, mask = x[:, :C], x[:, C:].expand(B, C, H, W)
+    fill_t = torch.tensor(float(fill), dtype=torch.float32, device=dev)
+    if interpolation == "nearest":
+        x = torch.where(mask < 0.5, fill_t, x)
+    else:
+        x = x.sub_(fill_t).mul_(mask).add_(fill_t)
+    return x.round_().to(images.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # the pipeline
 # --------------------------------------------------------------------------------------------
@@ -500,6 +598,15 @@ class BatchAugment:
         reprob: float = 0.25,
         no_aug: bool = False,
         translate: int = 0,
+        vflip: bool = False,
+        rotate: float = 0.0,
+        zoom: float = 0.0,
+        shift: float = 0.0,
+        affine_fill: float = 0.0,
+        affine_interpolation: str = "nearest",
+        erase_mode: str = "const",
+        erase_max_area: float = 0.33,
+        erase_after_mix: bool = False,
     ) -> None:
         if int(image_size) <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
@@ -531,13 +638,37 @@ class BatchAugment:
         if translate < 0 or int(translate) != translate:
             raise ValueError(f"translate must be a non-negative integer, got {translate}")
         self.translate = int(translate)
+        if not 0.0 <= rotate <= 180.0:
+            raise ValueError(f"rotate must be in [0, 180] degrees, got {rotate}")
+        if not 0.0 <= zoom < 1.0:
+            raise ValueError(f"zoom must be in [0, 1), got {zoom}")
+        if not 0.0 <= shift <= 1.0:
+            raise ValueError(f"shift must be in [0, 1], got {shift}")
+        if not 0.0 <= affine_fill <= 255.0:
+            raise ValueError(f"affine_fill must be a gray level in [0, 255], got {affine_fill}")
+        if affine_interpolation not in AFFINE_INTERPOLATIONS:
+            raise ValueError(f"affine_interpolation must be one of {AFFINE_INTERPOLATIONS}, got {affine_interpolation!r}")
+        if erase_mode not in ERASE_MODES:
+            raise ValueError(f"erase_mode must be one of {ERASE_MODES}, got {erase_mode!r}")
+        if not 0.02 < erase_max_area < 1.0:
+            raise ValueError(f"erase_max_area must be in (0.02, 1), got {erase_max_area}")
+        self.vflip = bool(vflip)
+        self.rotate = float(rotate)
+        self.zoom = float(zoom)
+        self.shift = float(shift)
+        self.affine_fill = float(affine_fill)
+        self.affine_interpolation = affine_interpolation
+        self.erase_mode = erase_mode
+        self.erase_max_area = float(erase_max_area)
+        self.erase_after_mix = bool(erase_after_mix)
         self.last_params: dict = {}
 
     def __repr__(self) -> str:
         return (
             f"BatchAugment(image_size={self.image_size}, scale={self.scale}, hflip={self.hflip}, "
             f"ra_n={self.ra_n}, ra_m={self.ra_m}, jitter={self.jitter}, reprob={self.reprob}, "
-            f"no_aug={self.no_aug})"
+            f"no_aug={self.no_aug}, vflip={self.vflip}, rotate={self.rotate}, zoom={self.zoom}, shift={self.shift}, "
+            f"erase_mode={self.erase_mode!r}, erase_max_area={self.erase_max_area})"
         )
 
     @property
@@ -579,6 +710,16 @@ class BatchAugment:
             flip = _rand((B,), generator, dev) < 0.5
             params["flip"] = flip
             x = _select(x, x.flip(-1), flip)
+        # RandomVerticalFlip
+        if self.vflip:
+            vflip = _rand((B,), generator, dev) < 0.5
+            params["vflip"] = vflip
+            x = _select(x, x.flip(-2), vflip)
+        # RandomAffine (rotate / shift / zoom)
+        if self.rotate > 0 or self.shift > 0 or self.zoom > 0:
+            affine = sample_affine_params(B, S, S, self.rotate, self.shift, self.zoom, generator, dev)
+            params["affine"] = affine
+            x = affine_warp(x, *affine, fill=self.affine_fill, interpolation=self.affine_interpolation)
         # RandAugment
         if self.ra_n > 0:
             all_ops, all_neg = [], []
@@ -596,9 +737,24 @@ class BatchAugment:
             params["jitter"] = (factors, order)
             xf = color_jitter(xf, factors, order)
         out = _normalize_float255(xf, self.mean, self.std)
-        # RandomErasing (after Normalize, value 0)
-        if self.reprob > 0:
-            box = sample_erase_boxes(B, S, S, self.reprob, generator, dev)
-            params["erase"] = box
-            out = erase(out, *box)
+        # RandomErasing (after Normalize), unless the caller erases after mixing
+        if self.reprob > 0 and not self.erase_after_mix:
+            out = self._erase(out, generator, params)
         return out
+
+    def _erase(self, x: Tensor, generator: torch.Generator, params: dict) -> Tensor:
+        B, _, H, W = x.shape
+        box = sample_erase_boxes(B, H, W, self.reprob, generator, x.device, scale=(0.02, self.erase_max_area))
+        params["erase"] = box
+        if self.erase_mode == "pixel":
+            return erase_pixels(x, *box, generator=generator)
+        return erase(x, *box)
+
+    @torch.no_grad()
+    def erase_stage(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """The RandomErasing stage alone, on a normalized float batch (e.g. after Mixup/CutMix when
+        ``erase_after_mix``); records ``last_params["erase"]``.  A no-op when ``reprob`` is 0."""
+        if self.reprob <= 0 or x.shape[0] == 0:
+            return x
+        _check_generator(x, generator)
+        return self._erase(x, generator, self.last_params)

@@ -28,11 +28,23 @@ def torchvision_train_transform(
     reprob: float = 0.25,
     no_aug: bool = False,
     translate: int = 0,
+    vflip: bool = False,
+    rotate: float = 0.0,
+    zoom: float = 0.0,
+    shift: float = 0.0,
+    affine_fill: float = 0.0,
+    affine_interpolation: str = "nearest",
+    erase_mode: str = "const",
+    erase_max_area: float = 0.33,
+    erase_after_mix: bool = False,
 ) -> T.Compose:
-    """RandomResizedCrop -> flip -> RandAugment -> ColorJitter -> to float -> Normalize -> RandomErasing.
+    """RandomResizedCrop -> flips -> RandomAffine -> RandAugment -> ColorJitter -> to float -> Normalize
+    -> RandomErasing.
 
     Stages are left out exactly when :class:`~isoconv.augment.BatchAugment` skips them
-    (``hflip=False``, ``ra_n=0``, ``jitter=0``, ``reprob=0``); ``no_aug`` gives the test transform.
+    (``hflip=False``, ``vflip=False``, ``rotate=zoom=shift=0``, ``ra_n=0``, ``jitter=0``, ``reprob=0`` or
+    ``erase_after_mix``, when the caller erases the mixed batch); ``no_aug`` gives the test transform.
+    ``erase_mode="pixel"`` fills the box with N(0, 1) noise per pixel (torchvision ``value="random"``).
     """
     if no_aug:
         return torchvision_test_transform(image_size=image_size, mean=mean, std=std)
@@ -46,6 +58,14 @@ def torchvision_train_transform(
         steps.append(T.RandomCrop(image_size, padding=translate))
     if hflip:
         steps.append(T.RandomHorizontalFlip(p=0.5))
+    if vflip:
+        steps.append(T.RandomVerticalFlip(p=0.5))
+    if rotate > 0 or zoom > 0 or shift > 0:
+        steps.append(T.RandomAffine(
+            degrees=rotate, translate=(shift, shift) if shift > 0 else None,
+            scale=(1.0 - zoom, 1.0 + zoom) if zoom > 0 else None,
+            interpolation=T.InterpolationMode(affine_interpolation), fill=affine_fill,
+        ))
     if ra_n > 0:
         steps.append(T.RandAugment(num_ops=ra_n, magnitude=ra_m))
     if jitter > 0:
@@ -55,8 +75,9 @@ def torchvision_train_transform(
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean=list(mean), std=list(std)),
     ]
-    if reprob > 0:
-        steps.append(T.RandomErasing(p=reprob, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0))
+    if reprob > 0 and not erase_after_mix:
+        steps.append(T.RandomErasing(p=reprob, scale=(0.02, erase_max_area), ratio=(0.3, 3.3),
+                                     value="random" if erase_mode == "pixel" else 0))
     steps.append(T.ToPureTensor())  # a plain torch.Tensor, not a tv_tensors.Image
     return T.Compose(steps)
 

@@ -14,7 +14,16 @@ from .dataset import ImageDataset
 from .folder import load_folder
 from .load import DATASETS, SPLITS, canonical_name, load_data, load_dataset
 from .root import resolve_data_root
-from .splits import HALF_SPLIT_SEED, HOLDOUT_SEED, channel_stats, half_split_indices, holdout_indices, seeded_half
+from .splits import (
+    HALF_SPLIT_SEED,
+    HOLDOUT_SEED,
+    channel_stats,
+    half_split_indices,
+    holdout_indices,
+    seeded_half,
+    select_test_split,
+    xl_half_indices,
+)
 from .tinyimagenet import TINY_IMAGENET_MD5, TINY_IMAGENET_URL, download_tiny_imagenet, load_tiny_imagenet
 
 __all__ = [
@@ -48,4 +57,6 @@ __all__ = [
     "load_tiny_imagenet",
     "resolve_data_root",
     "seeded_half",
+    "select_test_split",
+    "xl_half_indices",
 ]

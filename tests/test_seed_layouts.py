@@ -1,0 +1,214 @@
+"""Seed checkpoint layouts -> isoconv: the ConvMixer-XL study's flat/grouped ConvMixers, simple-convnext."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import isoconv
+from isoconv.models.seed_layouts import (
+    is_simple_convnext_layout,
+    is_xl_nested_layout,
+    is_xl_study_layout,
+    simple_convnext_to_isoconv,
+    xl_skip_period,
+    xl_study_to_isoconv,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def randomise(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights (so a layer scale of 1e-6 hides nothing) and random BN statistics; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.5 if t.ndim == 1 else
+                        torch.randn(t.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+class Wrapper(nn.Module):
+    """Stands in for nn.DataParallel: the wrapped model is `module`, so saved keys start with `module.`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+# ----------------------------------------------------------------------------- the XL study's networks.py
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x) + x
+
+
+def xl_block(dim: int, k: int, act: nn.Module) -> nn.Sequential:
+    return nn.Sequential(Residual(nn.Sequential(nn.Conv2d(dim, dim, k, groups=dim, padding="same"), act,
+                                                nn.BatchNorm2d(dim))),
+                         nn.Conv2d(dim, dim, 1), act, nn.BatchNorm2d(dim))
+
+
+def study_convmixer(dim, depth, k, p, n_classes, act):
+    """The study's `ConvMixer` (flat Sequential, one shared activation instance)."""
+    return nn.Sequential(nn.Conv2d(3, dim, p, stride=p), act, nn.BatchNorm2d(dim),
+                         *[xl_block(dim, k, act) for _ in range(depth)],
+                         nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, n_classes))
+
+
+def study_convmixer_xl(dim, depth, k, p, n_classes, skip_period, act):
+    """The study's `ConvMixerXL`: group g = Sequential(Residual(Sequential(*depth//skip_period blocks)))."""
+    groups = [nn.Sequential(Residual(nn.Sequential(*[xl_block(dim, k, act) for _ in range(depth // skip_period)])))
+              for _ in range(skip_period)]
+    return nn.Sequential(nn.Conv2d(3, dim, p, stride=p), act, nn.BatchNorm2d(dim), *groups,
+                         nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, n_classes))
+
+
+@pytest.mark.parametrize("preset, depth, skip, act", [("cm-xl", 6, 3, nn.SiLU()), ("cm-xl-skip", 66, 3, nn.GELU()),
+                                                      ("cm-xl", 8, 2, nn.SiLU())])
+def test_xl_grouped_checkpoint_loads_strict_with_identical_outputs(preset, depth, skip, act):
+    theirs = randomise(study_convmixer_xl(8, depth, 5, 2, 10, skip, act), seed=depth)
+    saved = {"model_state_dict": Wrapper(theirs).state_dict(), "optimizer_state_dict": {"state": {}}}
+    assert next(iter(saved["model_state_dict"])).startswith("module.")
+    assert is_xl_nested_layout(saved["model_state_dict"]) and xl_skip_period(saved["model_state_dict"]) == skip
+    assert "module.3.0.fn.1.0.fn.0.weight" in saved["model_state_dict"]
+    ours = isoconv.create_model(preset, dim=8, depth=depth, skip_period=skip, num_classes=10).eval()
+    ours.load_state_dict(xl_study_to_isoconv(saved), strict=True)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    # the groups matter: without its group skips the same weights compute something else
+    plain = isoconv.create_model(preset, dim=8, depth=depth, skip_period=0, num_classes=10).eval()
+    plain.load_state_dict(xl_study_to_isoconv(saved), strict=True)
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), theirs(x), atol=1e-4)
+
+
+def test_xl_study_flat_checkpoint_loads():
+    theirs = randomise(study_convmixer(8, 4, 5, 2, 10, nn.GELU()), seed=3)
+    saved = {"model_state_dict": Wrapper(theirs).state_dict()}
+    assert is_xl_study_layout(saved["model_state_dict"]) and not is_xl_nested_layout(saved["model_state_dict"])
+    assert xl_skip_period(saved["model_state_dict"]) == 0
+    ours = isoconv.create_model("cm-vanilla", dim=8, depth=4, num_classes=10).eval()
+    ours.load_state_dict(xl_study_to_isoconv(saved), strict=True)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_xl_rejects_other_layouts():
+    with pytest.raises(ValueError, match="not a ConvMixer-XL"):
+        xl_study_to_isoconv({"stem.0.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="no model state dict"):
+        xl_study_to_isoconv({"optimizer_state_dict": {}})
+    sd = study_convmixer_xl(4, 6, 3, 2, 10, 3, nn.GELU()).state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith("4.0.fn.1.")}
+    with pytest.raises(ValueError, match="unequal or gapped"):
+        xl_study_to_isoconv(sd)
+
+
+# ----------------------------------------------------------------------------- simple-convnext's model.py
+
+class SeedLayerNorm(nn.Module):
+    """simple-convnext's LayerNorm: channels_last via F.layer_norm, channels_first by hand."""
+
+    def __init__(self, dim: int, channels_first: bool = False) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.channels_first, self.shape = channels_first, (dim,)
+
+    def forward(self, x):
+        if not self.channels_first:
+            return F.layer_norm(x, self.shape, self.weight, self.bias, 1e-6)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        return self.weight[:, None, None] * ((x - u) / torch.sqrt(s + 1e-6)) + self.bias[:, None, None]
+
+
+class Permute(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return torch.permute(x, self.dims)
+
+
+class SeedBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(dim, dim, 7, padding=3, groups=dim), Permute([0, 2, 3, 1]),
+                                   SeedLayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim),
+                                   Permute([0, 3, 1, 2]))
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) * 1e-6)
+
+    def forward(self, x):
+        return self.block(x) * self.gamma
+
+
+class SeedLayer(nn.Module):
+    def __init__(self, dim: int, depth: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(SeedBlock(dim) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)  # stochastic depth is the identity in eval mode
+        return x
+
+
+class SeedConvNext(nn.Module):
+    def __init__(self, num_classes: int, patch_size: int, layer_dims, depths) -> None:
+        super().__init__()
+        self.downsample_layers = nn.ModuleList([nn.Sequential(
+            nn.Conv2d(3, layer_dims[0], patch_size, stride=patch_size), SeedLayerNorm(layer_dims[0], True))])
+        for i in range(len(layer_dims) - 1):
+            self.downsample_layers.append(nn.Sequential(SeedLayerNorm(layer_dims[i], True),
+                                                        nn.Conv2d(layer_dims[i], layer_dims[i + 1], 2, stride=2)))
+        self.stage_layers = nn.ModuleList(SeedLayer(d, n) for d, n in zip(layer_dims, depths))
+        self.cls = nn.Sequential(SeedLayerNorm(layer_dims[-1]), nn.Linear(layer_dims[-1], num_classes))
+
+    def forward(self, x):
+        for down, stage in zip(self.downsample_layers, self.stage_layers):
+            x = stage(down(x))
+        return self.cls(x.mean(dim=(-2, -1)))
+
+
+@pytest.mark.parametrize("preset, patch, depths, dims, classes", [
+    ("convnext-cifar", 1, [2, 2, 2, 2], [8, 16, 24, 32], 10),
+    ("convnext-tin", 2, [1, 1, 3, 1], [8, 16, 24, 32], 200),
+])
+def test_simple_convnext_checkpoint_loads_strict_with_same_outputs(preset, patch, depths, dims, classes):
+    theirs = randomise(SeedConvNext(classes, patch, dims, depths), seed=len(depths) + patch)
+    saved = {"model_state": theirs.state_dict(), "optimizer_state": {"state": {}, "param_groups": []}}
+    assert is_simple_convnext_layout(saved["model_state"])
+    converted = simple_convnext_to_isoconv(saved)
+    ours = isoconv.create_model(preset, patch_size=patch, depths=depths, dims=dims, num_classes=classes,
+                                drop_path_rate=0.0).eval()
+    ours.load_state_dict(converted, strict=True)
+    assert converted["stages.0.blocks.0.gamma"].shape == (dims[0],)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+    assert a.abs().max() > 1e-3  # the outputs are not trivially zero
+    # a DataParallel-wrapped save converts the same
+    wrapped = simple_convnext_to_isoconv({"model_state": Wrapper(theirs).state_dict()})
+    assert wrapped.keys() == converted.keys()
+
+
+def test_simple_convnext_rejects_other_layouts():
+    with pytest.raises(ValueError, match="not a simple-convnext"):
+        simple_convnext_to_isoconv({"model_state": {"stem.0.weight": torch.zeros(1)}})
