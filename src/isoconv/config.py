@@ -22,11 +22,14 @@ from .errors import ConfigError
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-SCHEDULE_CHOICES = ("onecycle", "onecycle-frac", "cosine")
+SCHEDULE_CHOICES = ("onecycle", "onecycle-frac", "cosine", "constant", "stlr", "onecycle-torch")
 LOADER_CHOICES = ("device", "torchvision")
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny-imagenet", "folder")
 LABEL_TYPE_CHOICES = ("fine", "coarse")
-TEST_SPLIT_CHOICES = ("full", "half")
+TEST_SPLIT_CHOICES = ("full", "half", "xl-half")
+ERASE_MODES = ("const", "pixel")
+MIX_MODES = ("batch", "elem")
+INTERPOLATIONS = ("nearest", "bilinear")
 ACTIVATION_CHOICES = ("gelu", "relu", "silu", "leaky_relu")
 
 
@@ -70,6 +73,9 @@ class TrainConfig:
                                          least=0, model_kwarg="skip_period")
     drop_path: Optional[float] = setting(help="ConvNeXt stochastic depth rate", role="model", least=0, most=1,
                                          model_kwarg="drop_path_rate")
+    head_dropout: Optional[float] = setting(help="dropout on the pooled features before the classifier (ConvMixer)",
+                                            role="model", least=0, most=0.99,
+                                            model_kwarg="drop_rate")
     # data
     dataset: str = setting("cifar10", role="data", choices=DATASET_CHOICES)
     data_dir: Optional[str] = setting(
@@ -87,19 +93,24 @@ class TrainConfig:
     val_split: Optional[float] = setting(help="folder dataset without val/: hold out this fraction", role="data",
                                          above=0, below=1)
     skip_bad_images: bool = setting(False, "skip and count unreadable images instead of failing", role="runtime")
-    test_split: str = setting("full", "full test set or the seed's 5k half", role="data", choices=TEST_SPLIT_CHOICES)
+    test_split: str = setting("full", "full test set, a fixed 5k half, or the ConvMixer-XL study's own 5k half",
+                              role="data", choices=TEST_SPLIT_CHOICES)
     # optimisation
     epochs: int = setting(25, role="optimisation", above=0)
     batch_size: int = setting(512, "global batch: under torchrun each of W processes takes batch-size / W",
                               role="optimisation", least=2)
     lr_max: float = setting(0.01, "peak learning rate, for the global batch whatever the number of processes",
                             role="optimisation", above=0)
-    schedule: str = setting("onecycle", role="optimisation", choices=SCHEDULE_CHOICES)
+    schedule: str = setting("onecycle", "learning-rate schedule: the reference one-cycle (integer knots), with "
+                            "fractional knots, cosine, constant, slanted triangular, or torch's OneCycleLR "
+                            "(with beta1 cycling)", role="optimisation", choices=SCHEDULE_CHOICES)
     warmup_epochs: float = setting(0.0, "linear warm-up (cosine schedule)", role="optimisation", least=0)
     wd: float = setting(0.01, "AdamW weight decay", role="optimisation", least=0)
     opt_eps: float = setting(1e-8, "AdamW epsilon", role="optimisation", above=0)
     clip_norm: Optional[float] = setting(help="clip the gradient norm to this value", role="optimisation", least=0)
     label_smoothing: float = setting(0.0, role="optimisation", least=0, most=1)
+    head_l2: float = setting(0.0, "coupled L2 penalty: adds this times the sum of squared classifier weights to the "
+                             "loss (Keras kernel_regularizer)", role="optimisation", least=0)
     pretrained: Optional[str] = setting(help="initial weights: an isoconv run/checkpoint, a timm or original-layout "
                                         "state dict (classifier replaced if needed)", role="optimisation",
                                         resume_may_change=True, metavar="PATH")
@@ -110,15 +121,32 @@ class TrainConfig:
     translate: int = setting(0, "random translation up to N pixels (RandomCrop with zero padding N)",
                              role="augmentation", least=0)
     hflip: bool = setting(True, "random horizontal flip", role="augmentation", flag=None)
+    vflip: bool = setting(False, "random vertical flip", role="augmentation")
+    rotate: float = setting(0.0, "random rotation, uniform in [-D, D] degrees", role="augmentation", least=0,
+                            most=180)
+    zoom: float = setting(0.0, "random zoom in and out: scale uniform in [1-Z, 1+Z]", role="augmentation", least=0,
+                          most=0.99)
+    shift: float = setting(0.0, "random shift up to this fraction of the image side", role="augmentation", least=0,
+                           most=1)
+    affine_fill: float = setting(0.0, "gray level of pixels that rotation/zoom/shift uncover", role="augmentation",
+                                 least=0, most=255)
+    affine_interpolation: str = setting("nearest", "how rotation/zoom/shift sample pixels", role="augmentation",
+                                        choices=INTERPOLATIONS)
     ra_n: int = setting(1, "RandAugment ops per image (0 = off)", role="augmentation", least=0)
     ra_m: int = setting(8, "RandAugment magnitude, 0..30", role="augmentation", least=0, most=30)
     jitter: float = setting(0.1, "ColorJitter brightness/contrast/saturation", role="augmentation", least=0)
     reprob: float = setting(0.25, "RandomErasing probability", role="augmentation", least=0, most=1)
-    mixup: float = setting(0.0, "Mixup alpha (0 = off)", role="augmentation", least=0)
-    cutmix: float = setting(0.0, "CutMix alpha (0 = off)", role="augmentation", least=0)
-    mix_prob: float = setting(1.0, "probability of mixing a batch", role="augmentation", least=0, most=1)
+    erase_mode: str = setting("const", "RandomErasing fill: zeros, or per-pixel normal noise (timm's pixel mode)",
+                              role="augmentation", choices=ERASE_MODES)
+    erase_max_area: float = setting(0.33, "RandomErasing largest area fraction", role="augmentation", above=0.02,
+                                    most=1)
+    mixup: float = setting(0.0, "Mixup alpha (0 = off)", role="augmentation", least=0, stage="mix")
+    cutmix: float = setting(0.0, "CutMix alpha (0 = off)", role="augmentation", least=0, stage="mix")
+    mix_prob: float = setting(1.0, "probability of mixing a batch", role="augmentation", least=0, most=1, stage="mix")
     mix_switch_prob: float = setting(0.5, "probability of CutMix when both are on", role="augmentation", least=0,
-                                     most=1)
+                                     most=1, stage="mix")
+    mix_mode: str = setting("batch", "Mixup/CutMix: one draw per batch, or per image (timm's elem mode)",
+                            role="augmentation", choices=MIX_MODES, stage="mix")
     # engine
     amp: str = setting("auto", "autocast precision (auto: bf16 where the hardware has it)", role="engine",
                        choices=AMP_CHOICES)
@@ -138,6 +166,7 @@ class TrainConfig:
     # provenance (not training settings)
     recipe: Optional[str] = setting(role="provenance", flag=False)
     description: str = setting("", role="provenance", flag=False)
+    note: str = setting("", role="provenance", flag=False)  # how a recipe differs from its source, and why
     published: dict = setting({}, role="provenance", flag=False)
 
     def model_overrides(self) -> dict[str, Any]:
@@ -190,6 +219,9 @@ SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)
 RUNTIME_FIELDS = frozenset(n for n, f in SETTINGS.items() if f.metadata["role"] in RUNTIME_ROLES)
 RESUME_FREE_FIELDS = RUNTIME_FIELDS | {n for n, f in SETTINGS.items() if f.metadata["resume_may_change"]}
 MODEL_KWARGS = {n: f.metadata["model_kwarg"] for n, f in SETTINGS.items() if f.metadata["model_kwarg"]}
+# the keyword arguments of the augmentation pipelines (BatchAugment, torchvision_train_transform)
+TRANSFORM_FIELDS = tuple(n for n, f in SETTINGS.items()
+                         if f.metadata["role"] == "augmentation" and f.metadata.get("stage") != "mix")
 
 
 def config_differences(old: dict, new: dict, ignore=RESUME_FREE_FIELDS) -> list[str]:

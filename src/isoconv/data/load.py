@@ -14,7 +14,7 @@ from .cifar100 import load_cifar100
 from .dataset import ImageDataset
 from .folder import load_folder
 from .root import resolve_data_root
-from .splits import Stats, seeded_half
+from .splits import Stats, select_test_split
 from .tinyimagenet import load_tiny_imagenet
 
 DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "folder")
@@ -83,7 +83,7 @@ def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm: 
 
     The training set moves to the device only for the device loader; the torchvision loader reads it on the CPU.
     The test set is normalized with the training split's statistics, or with `norm` = (mean, std) (a trained
-    model's) when train=False. --test-split half keeps a fixed random half of it before --test-subset.
+    model's) when train=False. --test-split half / xl-half keep a fixed half of it before --test-subset.
     """
     root = resolve_data_root(cfg.data_dir)
     opts = dict(download=cfg.download, label_type=cfg.label_type, image_size=cfg.image_size,
@@ -94,8 +94,7 @@ def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm: 
         norm = (train_ds.mean, train_ds.std)
         train_ds = train_ds.subset(cfg.train_subset)
     test = load_dataset(cfg.dataset, root, "test", norm=norm, **opts)
-    if cfg.test_split == "half":
-        test = seeded_half(test)
+    test = select_test_split(test, cfg.test_split)
     test = test.subset(cfg.test_subset).to(device)
     if not train:
         return None, test

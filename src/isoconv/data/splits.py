@@ -13,6 +13,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from ..config import TEST_SPLIT_CHOICES
 from ..errors import ConfigError
 from .dataset import ImageDataset
 
@@ -26,7 +27,6 @@ XL_HALF_FILE = "xl_test_half.txt"  # one index per line, in random_split's order
 XL_HALF_SHA256 = "0494510873c235a55c7ffe92eb2e87b59a14036299c3c6a6760921b7a6201046"
 XL_HALF_SEED = 1204
 XL_TEST_SIZE = 10_000
-TEST_SPLIT_CHOICES = ("full", "half", "xl-half")
 
 Stats = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
 

@@ -92,7 +92,9 @@ def lr_schedules(configs: Sequence[tuple[str, dict]], stem: Path) -> list[Path]:
     ax = fig.add_subplot()
     for (schedule, lr_max, epochs, warmup), color in zip(groups, colors(len(groups))):
         t = np.linspace(0, epochs, 1001)
-        lr = [lr_at(x, schedule=schedule, lr_max=lr_max, epochs=epochs, warmup_epochs=warmup) for x in t]
+        # 1000 steps over the run: fine enough for the picture (onecycle-torch is defined per step)
+        lr = [lr_at(x, schedule=schedule, lr_max=lr_max, epochs=epochs, warmup_epochs=warmup,
+                    iters_per_epoch=max(1, round(1000 / epochs))) for x in t]
         names = groups[(schedule, lr_max, epochs, warmup)]
         who = ", ".join(names) if len(names) <= 3 else f"{len(names)} variants"
         ax.plot(t, lr, color=color, label=f"{schedule}, lr_max {lr_max:g}, {epochs} ep ({who})")

@@ -117,6 +117,7 @@ class ConvMixer(nn.Module):
         activation: str = "gelu",
         skip_period: int = 0,
         image_size: Optional[int] = None,
+        drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         dim = check_positive_int("dim", dim)
@@ -180,6 +181,7 @@ class ConvMixer(nn.Module):
             ]
         )
         self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten())
+        self.head_drop = nn.Dropout(drop_rate)  # timm's drop_rate: dropout on the pooled features
         self.head: nn.Module = nn.Linear(dim, num_classes)
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -205,7 +207,7 @@ class ConvMixer(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pooling(x)
+        x = self.head_drop(self.pooling(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

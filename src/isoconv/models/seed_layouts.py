@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
 __all__ = [

@@ -26,7 +26,7 @@ from ..runtime import synchronize
 from ..weights import load_latest_checkpoint, save_checkpoint
 from . import distributed as ddp
 from .distributed import Dist
-from .schedule import lr_at
+from .schedule import beta1_at, lr_at
 from .setup import Training, build_training
 from .signals import Stopper, interrupted
 from .tensorboard import open_tensorboard
@@ -139,9 +139,22 @@ def restore(t: Training, state: dict[str, Any]) -> None:
     set_rng_state(state["rng"], t.generator)
 
 
+def set_schedule(t: Training, at: float, steps_per_epoch: int) -> float:
+    """Set the learning rate (and, for onecycle-torch, Adam's beta1) of the step at fractional epoch `at`."""
+    cfg = t.cfg
+    lr = lr_at(at, schedule=cfg.schedule, lr_max=cfg.lr_max, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+               iters_per_epoch=steps_per_epoch)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+        if cfg.schedule == "onecycle-torch":
+            group["betas"] = (beta1_at(at, schedule=cfg.schedule, epochs=cfg.epochs, iters_per_epoch=steps_per_epoch),
+                              group["betas"][1])
+    return lr
+
+
 def nonfinite_message(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int, run: RunDir) -> str:
     lr = lr_at(epoch + (step + 1) / steps_per_epoch, schedule=cfg.schedule, lr_max=cfg.lr_max, epochs=cfg.epochs,
-               warmup_epochs=cfg.warmup_epochs)
+               warmup_epochs=cfg.warmup_epochs, iters_per_epoch=steps_per_epoch)
     kept = (f"the last good checkpoint {run.checkpoint} is kept" if run.checkpoint.exists()
             else "no checkpoint had been written yet")
     return (f"the loss became non-finite in epoch {epoch + 1} at step {step + 1} of {steps_per_epoch} "
@@ -257,10 +270,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
                        disable=not sys.stderr.isatty() or not dist.is_main)
             for i, (x, y) in enumerate(bar, start=first):
                 # (1) schedule
-                lr = lr_at(epoch + (i + 1) / steps_per_epoch, schedule=cfg.schedule, lr_max=cfg.lr_max,
-                           epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
-                for group in t.optimizer.param_groups:
-                    group["lr"] = lr
+                lr = set_schedule(t, epoch + (i + 1) / steps_per_epoch, steps_per_epoch)
                 # (2) batch: under DDP this process's slice of the global batch (mixed first when mixing)
                 shard = {}
                 if dist.enabled:

@@ -19,7 +19,9 @@ from typing import Optional
 
 import numpy as np
 
-SCHEDULES = ("onecycle", "onecycle-frac", "cosine", "constant", "stlr", "onecycle-torch")
+from ..config import SCHEDULE_CHOICES
+
+SCHEDULES = SCHEDULE_CHOICES
 
 STLR_CUT_FRAC = 0.1
 STLR_RATIO = 32.0

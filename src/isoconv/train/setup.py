@@ -8,9 +8,10 @@ import torch
 
 from ..augment import BatchAugment, MixupCutmix
 from ..augment.reference import torchvision_train_transform
-from ..config import TrainConfig
+from ..config import TRANSFORM_FIELDS, TrainConfig
 from ..data import load_data
 from ..data.loaders import DeviceLoader, TorchvisionLoader
+from ..errors import ConfigError
 from ..models import build_model
 from ..runtime import PRECISIONS, compile_model, resolve_device, resolve_precision
 from ..weights import load_pretrained_into
@@ -40,9 +41,8 @@ class Training:
 
 
 def build_loader(cfg: TrainConfig, train, generator: torch.Generator, device: torch.device, dist: Dist = SINGLE):
-    aug = dict(image_size=train.image_size, mean=train.mean, std=train.std, scale=cfg.scale,
-               translate=cfg.translate, hflip=cfg.hflip, ra_n=cfg.ra_n, ra_m=cfg.ra_m, jitter=cfg.jitter,
-               reprob=cfg.reprob, no_aug=cfg.no_aug)
+    aug = dict(image_size=train.image_size, mean=train.mean, std=train.std,
+               **{name: getattr(cfg, name) for name in TRANSFORM_FIELDS})
     if cfg.loader == "torchvision":
         return TorchvisionLoader(train, cfg.batch_size, torchvision_train_transform(**aug), generator, device,
                                  workers=cfg.workers, rank=dist.rank, world_size=dist.world_size)
@@ -59,7 +59,16 @@ def build_optimizer(cfg: TrainConfig, model, device: torch.device, precision: st
 def build_mix(cfg: TrainConfig, num_classes: int) -> MixupCutmix:
     mixup, cutmix = (0.0, 0.0) if cfg.no_aug else (cfg.mixup, cfg.cutmix)
     return MixupCutmix(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob,
-                       label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+                       label_smoothing=cfg.label_smoothing, num_classes=num_classes, mix_mode=cfg.mix_mode)
+
+
+def head_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The classifier's weight matrix, which --head-l2 penalises."""
+    head = getattr(model, "head", None)
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        raise ConfigError(f"--head-l2 needs a model with a linear classifier `head`; {type(model).__name__} has none")
+    return [weight]
 
 
 def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE) -> Training:
@@ -90,6 +99,7 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
     eval_model = (compile_model(model, device) if cfg.compile else model) if dist.enabled else step_model
     step = TrainStep(step_model, optimizer, scaler, build_mix(cfg, train_ds.num_classes), gen, device=device,
                      precision=precision, channels_last=cfg.channels_last, clip_norm=cfg.clip_norm,
-                     label_smoothing=cfg.label_smoothing, skip_nonfinite=cfg.skip_nonfinite, compiled=cfg.compile)
+                     label_smoothing=cfg.label_smoothing, skip_nonfinite=cfg.skip_nonfinite, compiled=cfg.compile,
+                     l2=cfg.head_l2, l2_weights=head_weights(model) if cfg.head_l2 else [])
     return Training(cfg, device, precision, gen, train_ds, test_ds, model, eval_model, optimizer, scaler,
                     build_loader(cfg, train_ds, gen, device, dist), step, dist)

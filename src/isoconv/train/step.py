@@ -1,7 +1,7 @@
 """One optimisation step, bound once to everything that does not change between steps (nanoGPT's `ctx`)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +23,11 @@ class TrainStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  mix: MixupCutmix, generator: torch.Generator, *, device: torch.device, precision: str,
                  channels_last: bool, clip_norm: Optional[float], label_smoothing: float, skip_nonfinite: bool,
-                 compiled: bool):
+                 compiled: bool, l2: float = 0.0, l2_weights: Sequence[torch.Tensor] = ()):
         self.model, self.optimizer, self.scaler, self.mix, self.generator = model, optimizer, scaler, mix, generator
         self.device, self.precision, self.channels_last = device, precision, channels_last
         self.clip_norm, self.label_smoothing, self.skip_nonfinite = clip_norm, label_smoothing, skip_nonfinite
+        self.l2, self.l2_weights = l2, list(l2_weights)
         self.compile_clock = CompileClock(device) if compiled else None
 
     @property
@@ -54,6 +55,8 @@ class TrainStep:
             # mixed targets are probabilities that already carry the label smoothing
             loss = (F.cross_entropy(logits.float(), targets) if targets is not None
                     else F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing))
+            if self.l2:  # a coupled L2 penalty (Keras kernel_regularizer), unlike AdamW's decoupled decay
+                loss = loss + self.l2 * sum(w.float().pow(2).sum() for w in self.l2_weights)
         self.optimizer.zero_grad(set_to_none=True)
         if self.skip_nonfinite and not (all_finite(loss) if all_finite else torch.isfinite(loss).item()):
             return None, None
