@@ -20,6 +20,7 @@ from isoconv.train import train
 from isoconv.weights import load_checkpoint
 from isoconv import runtime
 from isoconv.runtime import compile_model
+from isoconv.train.setup import build_optimizer
 
 TINY = dict(model="cm-cpu", dim=16, depth=1, batch_size=8, workers=0, amp="off")
 
@@ -181,7 +182,7 @@ def test_compile_errors_are_config_errors(monkeypatch):
 def test_adamw_is_fused_only_on_cuda():
     cfg = build_config(None, model="cm-cpu")
     model = torch.nn.Linear(2, 2)
-    cpu_opt, _ = build_optimizer(cfg, model, torch.device("cpu"), None)
+    cpu_opt, _ = build_optimizer(cfg, model, torch.device("cpu"), "fp32")
     assert not cpu_opt.defaults.get("fused")  # the CPU path stays the reference for-each implementation
-    cuda_opt, _ = build_optimizer(cfg, model, torch.device("cuda"), None)
+    cuda_opt, _ = build_optimizer(cfg, model, torch.device("cuda"), "fp32")
     assert cuda_opt.defaults["fused"] is True

@@ -27,7 +27,7 @@ GOOD = ["photos/a.png", "photos/b.jpg", "photos/gray.png", "photos/sub/c.bmp", "
 def run_dir(tmp_path_factory) -> Path:
     """A run directory as training writes it, with random weights (no training needed to test inference)."""
     run = tmp_path_factory.mktemp("predict") / "run"
-    cfg = build_config(model="cm-cpu", dim=16, depth=1, kernel=4)
+    cfg = build_config(model="cm-cpu", dim=16, depth=1, kernel=4, amp="off")  # fp32, like the references below
     torch.manual_seed(0)
     model = isoconv.create_model("cm-cpu", dim=16, depth=1, kernel_size=4, num_classes=10)
     with torch.no_grad():  # spread the logits so top-1 is decided by the image, not by ties
@@ -200,7 +200,29 @@ def test_load_reproduces_the_runs_evaluation(data_root, tmp_path):
     top1 = (logits.argmax(1) == test.labels).float().mean().item()
     assert top1 == pytest.approx(summary["test_top1"], abs=1e-9)
 
-    from isoconv.train.loop import predict_logits  # the evaluation training ran
+    from isoconv.eval.evaluate import predict_logits  # the evaluation training ran
     reference = predict_logits(model, test.images, preprocess.mean, preprocess.std, device=torch.device("cpu"),
-                               amp_dtype=None, channels_last=cfg.channels_last)
+                               precision="fp32", channels_last=cfg.channels_last)
     assert torch.allclose(logits, reference, atol=1e-4, rtol=0)
+
+
+def test_predict_runs_in_the_training_precision(run_dir, images, tmp_path, capsys):
+    """One inference path: predict autocasts like evaluation does, in the precision the run trained in."""
+    from isoconv.eval.evaluate import predict_logits
+    from isoconv.weights import load_checkpoint
+
+    state = load_checkpoint(run_dir / "last.pt")
+    bf16_run = tmp_path / "bf16"
+    bf16_run.mkdir()
+    save_checkpoint({**state, "config": {**state["config"], "amp": "bf16"}}, bf16_run / "last.pt")
+    model, preprocess = isoconv.load(bf16_run)
+    files = [images / name for name in GOOD[:3]]
+    code, out, _ = run_cli(["predict", str(bf16_run), *map(str, files), "--json", "--top-k", "1"], capsys)
+    assert code == 0
+    got = [p["top"][0]["probability"] for p in json.loads(out)["predictions"]]
+    batch = torch.stack([preprocess.image_to_uint8(f) for f in files])
+    top = {precision: predict_logits(model, batch, preprocess.mean, preprocess.std, device=torch.device("cpu"),
+                                     precision=precision).softmax(1).max(1).values.tolist()
+           for precision in ("bf16", "fp32")}
+    assert max(abs(g - p) for g, p in zip(got, top["bf16"])) < 1e-6
+    assert max(abs(g - p) for g, p in zip(got, top["fp32"])) > 1e-5  # it really ran in bf16

@@ -206,7 +206,7 @@ def check_value(f: dataclasses.Field, v: Any) -> None:
         raise ConfigError(f"{flag} must be in ({above:g}, {most:g}], got {v}")
     if above is not None and below is not None and not above < v < below:
         raise ConfigError(f"{flag} must be a fraction in ({above:g}, {below:g}), got {v}")
-    if above == 0 and v <= 0:
+    if v <= 0 and (above == 0 or (least is not None and least > 0)):
         raise ConfigError(f"{flag} must be positive, got {v}")
     if least == 0 and v < 0:
         raise ConfigError(f"{flag} must be >= 0, got {v}")
