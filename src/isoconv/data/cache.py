@@ -20,6 +20,7 @@ import logging
 import math
 import multiprocessing
 import os
+import stat
 import sys
 import time
 import zlib
@@ -101,11 +102,13 @@ class DatasetCache:
         """Where to write `<prefix>-<stem>`: the first location that can be created and written, else None."""
         locs = self.locations()
         for i, loc in enumerate(locs):
+            if loc.directory.parent == self.data_folder and not folder_writable(self.data_folder):
+                continue
             try:
                 loc.directory.mkdir(parents=True, exist_ok=True)
             except OSError:
                 continue
-            if os.access(loc.directory, os.W_OK | os.X_OK):
+            if folder_writable(loc.directory):
                 if i > 0:
                     warn(f"cannot write a cache in {locs[0].directory}; caching in {loc.directory} instead")
                 return loc.directory / f"{loc.prefix}-{stem}"
@@ -115,7 +118,17 @@ class DatasetCache:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> bool:
+def folder_writable(folder: Path) -> bool:
+    """Writable, and for a folder whose mode has no write bit also read-only for root (a shared, protected dataset:
+    root may write there, but should not)."""
+    try:
+        mode = folder.stat().st_mode
+    except OSError:
+        return False
+    return bool(stat.S_IMODE(mode) & 0o222) and os.access(folder, os.W_OK | os.X_OK)
+
+
+def write_cache_file(path: Path, data: bytes) -> bool:
     """Write a cache file atomically; False (warned) on failure: the cache is an optimisation, never required."""
     try:
         atomic_write(path, data)
@@ -345,7 +358,7 @@ def _decode_and_store(cache: DatasetCache, stem: str, key: str, files: Sequence[
     if target is not None:
         buf = io.BytesIO()
         torch.save(payload, buf)
-        _atomic_write(target, buf.getvalue())
+        write_cache_file(target, buf.getvalue())
     return CachedSplit(dec.images, kept_labels, skipped, key)
 
 
@@ -380,5 +393,5 @@ def cached_stats(cache: DatasetCache, key_obj: Any, compute: Callable[[], Stats]
     target = cache.writable_path(stem)
     if target is not None:
         text = json.dumps({"key": key, "mean": list(mean), "std": list(std)}).encode()
-        _atomic_write(target, text)
+        write_cache_file(target, text)
     return mean, std

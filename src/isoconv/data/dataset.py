@@ -26,6 +26,7 @@ class ImageDataset:
     name: str
     split: str
     skipped: Tuple[str, ...] = ()  # unreadable image files left out (--skip-bad-images)
+    split_images: Optional[int] = None  # images in the whole split before a half or subset was taken (reports)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:

@@ -94,6 +94,7 @@ def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm: 
         norm = (train_ds.mean, train_ds.std)
         train_ds = train_ds.subset(cfg.train_subset)
     test = load_dataset(cfg.dataset, root, "test", norm=norm, **opts)
+    test = replace(test, split_images=len(test))
     test = select_test_split(test, cfg.test_split)
     test = test.subset(cfg.test_subset).to(device)
     if not train:

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from .cache import CACHE_DIRNAME, CACHE_ENV, FALLBACK_DIR, digest
+from .cache import DatasetCache, write_cache_file
 
 # Per-file md5s of the official python releases: torchvision.datasets.CIFAR10/CIFAR100 train_list, test_list and
 # meta (tests check that these equal torchvision's).
@@ -92,9 +89,9 @@ def cached_md5s(folder: Path, dataset: str, names: List[str]) -> Dict[str, str]:
     for n in names:
         st = (folder / n).stat()
         stats[n] = [st.st_size, st.st_mtime_ns]
-    stem = f"{dataset}-{digest(str(folder.resolve()))[:8]}-md5s.json"
+    cache, stem = DatasetCache(folder, dataset), "md5s.json"
     known: Dict[str, str] = {}
-    for path in cache_candidates(folder, stem):
+    for path in cache.existing(stem):
         entries = read_cache(path)
         known = {n: e["md5"] for n, e in entries.items() if n in stats and [e.get("size"), e.get("mtime_ns")] ==
                  stats[n] and isinstance(e.get("md5"), str)}
@@ -104,9 +101,9 @@ def cached_md5s(folder: Path, dataset: str, names: List[str]) -> Dict[str, str]:
     if len(known) < len(names):
         doc = {"format": CACHE_FORMAT,
                "files": {n: {"size": stats[n][0], "mtime_ns": stats[n][1], "md5": md5s[n]} for n in names}}
-        for path in cache_candidates(folder, stem):
-            if write_json_atomically(path, doc):
-                break
+        target = cache.writable_path(stem)
+        if target is not None:
+            write_cache_file(target, json.dumps(doc, indent=1, sort_keys=True).encode())
     return md5s
 
 
@@ -119,45 +116,6 @@ def read_cache(path: Path) -> Dict[str, Dict[str, Any]]:
     if not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT or not isinstance(doc.get("files"), dict):
         return {}
     return {n: e for n, e in doc["files"].items() if isinstance(e, dict)}
-
-
-def cache_candidates(folder: Path, stem: str) -> List[Path]:
-    """Where the md5 cache may live, in lookup order ($ISOCONV_CACHE alone when it is set)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return [Path(env).expanduser() / stem]
-    candidates = [Path(FALLBACK_DIR).expanduser() / stem]
-    if folder_writable(folder):
-        candidates.insert(0, folder / CACHE_DIRNAME / stem)
-    return candidates
-
-
-def folder_writable(folder: Path) -> bool:
-    # a folder whose mode has no write bit counts as read-only even for root (a shared, protected dataset)
-    try:
-        mode = folder.stat().st_mode
-    except OSError:
-        return False
-    return bool(stat.S_IMODE(mode) & 0o222) and os.access(folder, os.W_OK | os.X_OK)
-
-
-def write_json_atomically(path: Path, doc: Dict[str, Any]) -> bool:
-    """Write `doc` via a temporary file and a rename; False when the location cannot be written."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        tmp = None
-        return True
-    except OSError:
-        return False
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------- sentences

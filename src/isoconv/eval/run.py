@@ -7,7 +7,8 @@ from typing import Any, Optional
 import torch
 
 from ..config import TrainConfig, apply_overrides
-from ..data import load_data
+from ..data import load_data, resolve_data_root
+from ..data.provenance import verify_data
 from ..errors import UserError
 from ..models import build_model
 from ..rundir import RunDir
@@ -53,7 +54,9 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
     return {"run_dir": str(path.parent), "checkpoint": str(path), "model": cfg.model, "recipe": cfg.recipe,
             "dataset": cfg.dataset, "epochs": state["epoch"], "params": state.get("params"),
             "train_seconds": state.get("train_seconds"), "device": str(dev), "amp": precision,
-            "torch": torch.__version__, "tta": tta, **training_facts(path.parent), **fields, "report_text": report}
+            "torch": torch.__version__, "tta": tta, **training_facts(path.parent),
+            "data_provenance": verify_data(cfg.dataset, resolve_data_root(cfg.data_dir)), "test_split": cfg.test_split,
+            "test_subset": cfg.test_subset, "test_images_total": test.split_images, **fields, "report_text": report}
 
 
 def training_facts(run_dir: Path) -> dict[str, Any]:

@@ -102,10 +102,11 @@ def evaluate(t: Training) -> dict[str, Any]:
     return score(ddp.all_gather_rows(dist, logits), ds.labels)
 
 
-def data_meta(ds) -> dict[str, Any]:
-    """What inference needs to preprocess images and name classes like training did."""
+def data_meta(t: Training) -> dict[str, Any]:
+    """What inference needs to preprocess images and name classes like training did, and what the data was."""
+    ds = t.test_ds
     return {"classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std), "image_size": ds.image_size,
-            "dataset": ds.name}
+            "dataset": ds.name, "provenance": t.data_provenance}
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
@@ -128,7 +129,7 @@ def save_run_checkpoint(t: Training, run: RunDir, epoch_done: int, step: int, ep
         save_checkpoint({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
                          "scaler": t.scaler.state_dict(), "epoch": epoch_done, "step": step,
                          "epoch_state": epoch_state, "rng": rng_state(t.generator), "train_seconds": train_seconds,
-                         "config": t.cfg.to_dict(), "params": count_params(t.model), "data": data_meta(t.test_ds)},
+                         "config": t.cfg.to_dict(), "params": count_params(t.model), "data": data_meta(t)},
                         run.checkpoint)
 
 
@@ -351,6 +352,8 @@ def finish(t: Training, run: RunDir, result: dict, history: list[dict], train_se
                "device": str(t.device), "amp": t.precision, "torch": torch.__version__,
                "skipped_steps": sum(r.get("skipped_steps", 0) for r in history),
                "compile_seconds": t.step.compile_seconds if cfg.compile else None,
+               "data_provenance": t.data_provenance, "test_split": cfg.test_split, "test_subset": cfg.test_subset,
+               "test_images_total": t.test_ds.split_images,
                **({"processes": dist.world_size, "batch_per_process": cfg.batch_size // dist.world_size}
                   if dist.enabled else {}), **fields}
     run.write_summary(summary, report)

@@ -9,7 +9,8 @@ import torch
 from ..augment import BatchAugment, MixupCutmix
 from ..augment.reference import torchvision_train_transform
 from ..config import TRANSFORM_FIELDS, TrainConfig
-from ..data import load_data
+from ..data import load_data, resolve_data_root
+from ..data.provenance import verify_data
 from ..data.loaders import DeviceLoader, TorchvisionLoader
 from ..errors import ConfigError
 from ..models import build_model
@@ -37,6 +38,7 @@ class Training:
     scaler: torch.amp.GradScaler
     loader: Any
     step: TrainStep
+    data_provenance: dict  # is the data the official release? (isoconv.data.provenance.verify_data)
     dist: Dist = SINGLE
 
 
@@ -86,6 +88,7 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
     gen.manual_seed(cfg.seed)
     with ddp.main_process_first(dist):
         train_ds, test_ds = load_data(cfg, device)
+        provenance = verify_data(cfg.dataset, resolve_data_root(cfg.data_dir))
     model = build_model(cfg, train_ds.num_classes, train_ds.image_size).to(device)
     if cfg.pretrained and not resuming:
         load_pretrained_into(model, cfg.pretrained)
@@ -102,4 +105,4 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
                      label_smoothing=cfg.label_smoothing, skip_nonfinite=cfg.skip_nonfinite, compiled=cfg.compile,
                      l2=cfg.head_l2, l2_weights=head_weights(model) if cfg.head_l2 else [])
     return Training(cfg, device, precision, gen, train_ds, test_ds, model, eval_model, optimizer, scaler,
-                    build_loader(cfg, train_ds, gen, device, dist), step, dist)
+                    build_loader(cfg, train_ds, gen, device, dist), step, provenance, dist)
