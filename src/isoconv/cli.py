@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -255,6 +256,9 @@ def configure_logging() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    # Even kernels with padding="same" pad one more pixel on one side, exactly as timm and the paper's code do;
+    # torch warns about the extra copy this costs on every forward pass, which users cannot act on.
+    warnings.filterwarnings("ignore", message="Using padding='same' with even kernel lengths")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

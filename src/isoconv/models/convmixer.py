@@ -18,15 +18,10 @@ are the same with and without it.
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-
-# Even kernels with padding="same" pad one more pixel on one side, exactly as timm and the paper's code do;
-# torch warns about the extra copy this costs on every forward pass, which users cannot act on.
-warnings.filterwarnings("ignore", message="Using padding='same' with even kernel lengths")
 
 from ..errors import ConfigError
 
