@@ -3,13 +3,13 @@ unwritable checkpoints, non-finite losses. Every resumed run must end bit-identi
 import errno
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from isoconv import fileio
@@ -220,3 +220,68 @@ def test_run_that_fails_before_its_first_checkpoint_leaves_nothing(data_root, tm
     with pytest.raises(UserError, match="non-finite in epoch 1"):
         train(tiny(data_root, tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+def test_kill_before_the_first_checkpoint_then_resume_starts_over(reference, data_root, tmp_path):
+    """Killed a step into its first epoch, a run has its config.yaml but no checkpoint: --resume starts it from the
+    beginning with its saved settings and ends identical to an uninterrupted run."""
+    run = tmp_path / "run"
+    code, _ = run_until_paused(["train", *FLAGS, "--data-dir", str(data_root), "--out", str(run)], "step@1")
+    assert code == -signal.SIGKILL
+    assert (run / "config.yaml").is_file() and not (run / "last.pt").exists()
+    out, _ = run_to_end("train", "--resume", str(run))
+    assert "stopped before its first checkpoint: starting it again" in out
+    assert_same_run(run, reference)
+
+
+def test_time_based_checkpoint_inside_an_epoch_resumes_exactly(reference, data_root, tmp_path):
+    run = tmp_path / "run"
+    code, _ = run_until_paused(["train", *FLAGS, "--ckpt-every-minutes", "1e-6", "--data-dir", str(data_root),
+                                "--out", str(run)], "step@7")
+    assert code == -signal.SIGKILL
+    state = load_checkpoint(run / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 2)  # taken after step 6 because time had passed, not by count
+    run_to_end("train", "--resume", str(run))
+    assert_same_run(run, reference)
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(data_root, tmp_path):
+    run = tmp_path / "run"
+    first = isoconv("train", *FLAGS, "--data-dir", str(data_root), "--out", str(run), pause=("step@1", "120"))
+    try:
+        for line in first.stdout:
+            if line.startswith("ISOCONV_TEST_PAUSED"):
+                break
+        second = subprocess.run([sys.executable, "-m", "isoconv", "train", *FLAGS, "--data-dir", str(data_root),
+                                 "--out", str(run)], capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"run directory {run} is in use by another isoconv process (pid {first.pid})" \
+            in lines[0], second.stderr
+        assert (run / "config.yaml").is_file()  # the first run's files are untouched
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+
+
+def test_killed_sweep_finishes_without_rerunning_finished_runs(data_root, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"description": "kill test", "seeds": 1, "settings": {
+        "model": "cm-cpu", "dim": 8, "depth": 1, "train_subset": 128, "test_subset": 64, "batch_size": 64,
+        "epochs": 2, "amp": "off", "ckpt_every_steps": 1, "workers": 0},
+        "variants": [{"name": "relu", "activation": "relu"}, {"name": "gelu", "activation": "gelu"}]}))
+    args = lambda out: ["ablate", str(spec), "--data-dir", str(data_root), "--out", str(out), "--device", "cpu"]  # noqa: E731
+    run_to_end(*args(tmp_path / "reference"))
+    killed = tmp_path / "killed"
+    code, _ = run_until_paused(args(killed), "step@6")  # the first run is done, the second one is 2 steps in
+    assert code == -signal.SIGKILL
+    first = killed / "relu" / "seed0" / "summary.json"
+    stamp = first.stat().st_mtime_ns
+    assert load_checkpoint(killed / "gelu" / "seed0" / "last.pt")["step"] == 1
+    out, _ = run_to_end(*args(killed))
+    assert "1 finished (skipped), 1 to resume, 0 to start" in out
+    assert first.stat().st_mtime_ns == stamp  # not trained again
+    for variant in ("relu", "gelu"):
+        a, b = (json.loads((d / variant / "seed0" / "summary.json").read_text())
+                for d in (killed, tmp_path / "reference"))
+        assert a["test_top1"] == b["test_top1"] and a["test_loss"] == b["test_loss"]

@@ -17,6 +17,7 @@ import torch
 from .bench import run_bench, time_to_accuracy
 from .config import add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
 from .errors import Interrupted, UserError
+from .fileio import DISK_FULL
 from .eval.run import evaluate_target
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
 from .interop.export import MATCH_TOLERANCE, export_target
@@ -185,6 +186,12 @@ def resume_run(run: RunDir, args, overrides: dict) -> int:
                                          f"with its saved settings")
         train(build_config(None, **{**stored, **given, "out": str(run)}))
         return 0
+    finished = run.read_summary()
+    if finished is not None:
+        logging.getLogger(__name__).info(
+            f"{run} is finished ({finished.get('epochs')} epochs, test top-1 {finished.get('test_top1', 0):.4f}); "
+            f"nothing to resume. `isoconv eval {run}` evaluates it again; train a new run to change its settings")
+        return 0
     state = load_latest_checkpoint(run.checkpoint)
     train(build_config(None, **{**state["config"], **given}), resume=run.path, resume_state=state)
     return 0
@@ -278,6 +285,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("isoconv: interrupted; continue with `isoconv train --resume RUN_DIR`", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in DISK_FULL or args.debug:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"isoconv: error: no space left on the device{where}; free some space, then run the command again "
+              f"(a training run continues from its last checkpoint with `isoconv train --resume RUN_DIR`)",
+              file=sys.stderr)
+        return 2
     except torch.OutOfMemoryError:  # a user problem with a known fix
         if args.debug:
             raise

@@ -159,6 +159,9 @@ class TrainConfig:
     eval_every: int = setting(1, "evaluate every N epochs (always after the last)", role="engine", above=0)
     ckpt_every_steps: int = setting(0, "also checkpoint every N steps inside an epoch (0 = only at epoch ends)",
                                     role="runtime", least=0)
+    ckpt_every_minutes: float = setting(10.0, "also checkpoint inside an epoch when this many minutes passed since "
+                                        "the last checkpoint (0 = off), so a long epoch loses minutes, not an epoch",
+                                        role="runtime", least=0)
     skip_nonfinite: bool = setting(False, "skip (and count) steps whose loss is not finite instead of stopping",
                                    role="engine")
     tensorboard: bool = setting(False, "also log every scalar to RUN_DIR/tensorboard", role="runtime")
@@ -228,8 +231,9 @@ def config_differences(old: dict, new: dict, ignore=RESUME_FREE_FIELDS) -> list[
     """`key: old -> new` for every setting (outside `ignore`) whose value differs; missing keys take defaults."""
     defaults = TrainConfig().to_dict()
     keys = sorted((set(old) | set(new)) - set(ignore))
-    return [f"{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k, defaults.get(k))!r}" for k in keys
-            if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
+    pairs = {k: (old.get(k, defaults.get(k)), new.get(k, defaults.get(k))) for k in keys}
+    # "auto" asks the machine to choose: it agrees with whatever a run chose (runs record the choice)
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in pairs.items() if a != b and "auto" not in (a, b)]
 
 
 CONFIG_KEYS = tuple(SETTINGS)

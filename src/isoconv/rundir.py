@@ -13,14 +13,22 @@ Every file is written atomically (`isoconv.fileio`); metrics rows are appended a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import yaml
 
+from .errors import UserError
 from .fileio import append_line, atomic_write
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two processes on one folder are then not detected
+    fcntl = None
 
 CHECKPOINT_NAME = "last.pt"
 RUNS_FOLDER = Path("runs")
@@ -49,6 +57,34 @@ class RunDir:
     error = property(lambda self: self.path / "error.txt")
     tensorboard = property(lambda self: self.path / "tensorboard")
 
+    lock_file = property(lambda self: self.path / ".lock")
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run folder for this process: a second isoconv process given the same folder stops with a
+        clear message instead of overwriting the first one's files. The lock dies with the process."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_file, "a+") as f:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    f.seek(0)
+                    owner = f.read().strip()
+                    raise UserError(f"run directory {self} is in use by another isoconv process"
+                                    f"{f' (pid {owner})' if owner else ''}; wait for it to finish or pass another "
+                                    f"--out") from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield
+            finally:
+                self.lock_file.unlink(missing_ok=True)
+                if fcntl is not None:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
     def has_checkpoint(self) -> bool:
         return self.checkpoint.is_file() or self.previous_checkpoint.is_file()
 
@@ -75,7 +111,7 @@ class RunDir:
         if created:
             shutil.rmtree(self.path, ignore_errors=True)
             return
-        for path in (self.config, self.metrics):
+        for path in (self.config, self.metrics, self.lock_file):
             path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reading

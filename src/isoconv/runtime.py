@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # precision name (as reports print it) -> autocast dtype (None: plain fp32)
 PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_TO_PRECISION = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
+PRECISION_AMP = {p: a for a, p in AMP_TO_PRECISION.items()}  # the --amp value that asks for a precision
 CXX_COMPILERS = ("g++", "clang++", "c++", "cl")
 COMPILE_BACKEND = "inductor"
 

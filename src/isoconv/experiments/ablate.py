@@ -31,7 +31,7 @@ import torch
 from ..config import RUNTIME_FIELDS, TrainConfig, config_differences, setting_tokens
 from ..errors import Interrupted, UserError
 from ..fileio import atomic_write
-from ..models import build_model
+from ..models import build_model, with_preset_shape
 from ..rundir import RunDir
 from ..train import train
 from .report import write_sweep_report
@@ -125,7 +125,7 @@ def check_existing_runs(runs: list[PlannedRun]) -> None:
         stored = run.read_config()
         if stored is None or run.state() not in ("done", "partial"):
             continue
-        diffs = config_differences(stored, r.config.to_dict(), ignore=RUNTIME_FIELDS)
+        diffs = config_differences(stored, with_preset_shape(r.config).to_dict(), ignore=RUNTIME_FIELDS)
         if diffs:
             raise UserError(f"{r.run_dir} holds a run with other settings ({'; '.join(diffs[:4])}); "
                             f"delete that folder or use another --out")

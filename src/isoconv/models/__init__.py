@@ -1,7 +1,8 @@
 """Model definitions (ConvMixer, ConvMixer-XL, small ConvNeXt) and the preset registry."""
 from .convmixer import ConvMixer
 from .convnext import ConvNeXt, DropPath
-from .registry import build_model, count_params, create_model, list_models, model_info, register_model
+from .registry import (build_model, count_params, create_model, list_models, model_info, register_model,
+                       with_preset_shape)
 
 __all__ = [
     "ConvMixer",
@@ -13,4 +14,5 @@ __all__ = [
     "list_models",
     "model_info",
     "register_model",
+    "with_preset_shape",
 ]

@@ -10,6 +10,7 @@ Overrides are constructor keyword arguments of the family's class (``ConvMixer``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -19,7 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import MODEL_KWARGS, TrainConfig
 from ..errors import ConfigError
 from .convmixer import ConvMixer
 from .convnext import ConvNeXt
@@ -119,6 +120,17 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 def build_model(cfg: TrainConfig, num_classes: int, image_size: Optional[int]) -> nn.Module:
     """cfg's model preset with cfg's explicit shape overrides, for this many classes and this image size."""
     return create_model(cfg.model, num_classes=num_classes, image_size=image_size, **cfg.model_overrides())
+
+
+def with_preset_shape(cfg: TrainConfig) -> TrainConfig:
+    """cfg with every model setting left None ("the preset's value") replaced by the preset's value."""
+    try:
+        defaults = model_info(cfg.model)["defaults"]
+    except ConfigError:
+        return cfg
+    filled = {name: defaults[kwarg] for name, kwarg in MODEL_KWARGS.items()
+              if getattr(cfg, name) is None and kwarg in defaults}
+    return dataclasses.replace(cfg, **filled)
 
 
 def list_models() -> list[str]:

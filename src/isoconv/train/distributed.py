@@ -212,6 +212,13 @@ def agreed_signal(ctx: Dist, signum: Optional[int]) -> Optional[int]:
     return int(_reduced(flag, dist.ReduceOp.MAX).item()) or None
 
 
+def agreed_stop_and_flag(ctx: Dist, signum: Optional[int], flag: bool) -> tuple[Optional[int], bool]:
+    """agreed_signal, and whether any process raised `flag`, in one collective."""
+    t = torch.tensor([signum or 0, int(flag)], device=ctx.device, dtype=torch.long)
+    signum_any, flag_any = _reduced(t, dist.ReduceOp.MAX).tolist()
+    return (signum_any or None), bool(flag_any)
+
+
 def first_step_over_ranks(ctx: Dist, first_bad: torch.Tensor) -> torch.Tensor:
     """The earliest step index >= 0 over all processes (-1 where none is set)."""
     if not ctx.enabled:

@@ -8,8 +8,10 @@ epoch's order, partial sums and every RNG state are in each checkpoint (`EpochSt
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from ..config import TrainConfig, config_differences
 from ..errors import ConfigError, UserError
 from ..eval.evaluate import EVAL_BATCH, predict_logits, score, test_report
-from ..models import count_params
+from ..models import count_params, with_preset_shape
 from ..rundir import RunDir
 from ..runtime import synchronize
 from ..weights import load_latest_checkpoint, save_checkpoint
@@ -181,9 +183,9 @@ def log_start(t: Training, run: RunDir, info, start_state: Optional[dict], histo
              f"BatchNorm {'synchronized across processes' if cfg.sync_bn else 'per process (no --sync-bn)'}")
     elif cfg.sync_bn:
         info("--sync-bn has no effect in a single process")
-    if start_state is not None:
-        step = start_state.get("step", 0)
-        info(f"resuming after epoch {start_state['epoch']}" + (f" step {step}" if step else ""))
+    if start_state is not None:  # epochs counted from 1, as in the metrics table and the stop messages
+        epoch, step = start_state["epoch"], start_state.get("step", 0)
+        info(f"resuming at epoch {epoch + 1} step {step}" if step else f"resuming after epoch {epoch}")
     info(HEADER)
     for row in history:
         info(format_row(row))
@@ -202,7 +204,7 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, stop_after: Option
     if resume is not None:
         run = RunDir(resume)
         start_state = resume_state or load_latest_checkpoint(run.checkpoint)
-        diffs = config_differences(start_state["config"], cfg.to_dict())
+        diffs = config_differences(start_state["config"], with_preset_shape(cfg).to_dict())
         if diffs:
             raise ConfigError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); "
                               f"drop those flags or start a new run")
@@ -211,9 +213,11 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, stop_after: Option
         if run.has_checkpoint():
             raise UserError(f"run directory {run} already holds a run; use --resume {run} or another --out")
 
+    created = not run.path.exists()
     with ddp.process_group(cfg.device) as dist:
         try:
-            return _setup_and_train(cfg, dist, run, start_state, resume, stop_after)
+            with run.locked() if dist.is_main else nullcontext():
+                return _setup_and_train(cfg, dist, run, start_state, resume, stop_after, created)
         except Exception as e:
             if dist.enabled and not isinstance(e, UserError) and ddp.is_collective_failure(e):
                 hint = (f"continue from its last checkpoint with `-m isoconv train --resume {run}`"
@@ -222,10 +226,9 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, stop_after: Option
             raise
 
 
-def _setup_and_train(cfg, dist: Dist, run: RunDir, start_state, resume, stop_after):
-    training = build_training(cfg, resuming=start_state is not None, dist=dist)
-    created_dir = not run.path.exists()
+def _setup_and_train(cfg, dist: Dist, run: RunDir, start_state, resume, stop_after, created_dir: bool):
     try:
+        training = build_training(cfg, resuming=start_state is not None, dist=dist)
         return _train(training, run, start_state, stop_after)
     except BaseException as e:
         if dist.is_main and resume is None and not run.checkpoint.exists():
@@ -254,7 +257,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
     tb = open_tensorboard(run.tensorboard, start_epoch=len(history), enabled=cfg.tensorboard and dist.is_main)
     log_start(t, run, info, start_state, history)
 
-    result = None
+    result, last_save = None, time.monotonic()
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     with Stopper(dist) as stop:
         for epoch in range(start_epoch, end_epoch):
@@ -290,11 +293,13 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
                 # (5) mid-epoch checkpoint or stop
                 done = i + 1
                 checkpoint_due = bool(cfg.ckpt_every_steps and done % cfg.ckpt_every_steps == 0)
-                signum = stop.mid_epoch(done, steps_per_epoch, checkpoint_due)
-                if done < steps_per_epoch and (signum is not None or checkpoint_due):
+                time_due = time.monotonic() - last_save >= 60 * cfg.ckpt_every_minutes > 0
+                signum, time_due = stop.mid_epoch(done, steps_per_epoch, checkpoint_due, time_due)
+                if done < steps_per_epoch and (signum is not None or checkpoint_due or time_due):
                     check_finite(t, first_bad, epoch, run)
                     partial = state.to_dict(dist, state.seconds + time.perf_counter() - t0)
                     save_run_checkpoint(t, run, epoch, done, partial, train_seconds)
+                    last_save = time.monotonic()
                     if signum is not None:
                         bar.close()
                         ddp.barrier(dist)  # rank 0 has written the checkpoint before anyone exits
@@ -326,6 +331,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
                 run.append_metrics(row)  # before the checkpoint: resume truncates extra rows
             tb.log_epoch(row)
             save_run_checkpoint(t, run, epoch + 1, 0, None, train_seconds)
+            last_save = time.monotonic()
             info(format_row(row))
             if cfg.compile and epoch == start_epoch and t.step.compile_seconds is not None:
                 info(f"torch.compile: {t.step.compile_seconds:.1f} s (extra time of the first step, included in "
@@ -361,4 +367,10 @@ def finish(t: Training, run: RunDir, result: dict, history: list[dict], train_se
     info(report)
     info(f"test top-1 {summary['test_top1']:.4f}  top-5 {summary['test_top5']:.4f}  "
          f"({train_seconds / 60:.1f} min of training); written to {run}")
+    if not all(bool(torch.isfinite(p).all()) for p in t.model.parameters()):
+        raise UserError(f"the trained model in {run} has non-finite weights (test loss {summary['test_loss']}); "
+                        f"{summary['skipped_steps']} step(s) were skipped for a non-finite loss; lower --lr-max or "
+                        f"add --clip-norm 1.0 and train again")
+    if not math.isfinite(summary["test_loss"]):
+        log.warning(f"the test loss of {run} is {summary['test_loss']}: some test images get non-finite logits")
     return summary

@@ -1,7 +1,7 @@
 """From a TrainConfig to the objects a run trains with: device, data, model, optimiser, batches and the step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -13,8 +13,8 @@ from ..data import load_data, resolve_data_root
 from ..data.provenance import verify_data
 from ..data.loaders import DeviceLoader, TorchvisionLoader
 from ..errors import ConfigError
-from ..models import build_model
-from ..runtime import PRECISIONS, compile_model, resolve_device, resolve_precision
+from ..models import build_model, with_preset_shape
+from ..runtime import PRECISION_AMP, PRECISIONS, compile_model, resolve_device, resolve_precision
 from ..weights import load_pretrained_into
 from . import distributed as ddp
 from .distributed import SINGLE, Dist
@@ -73,6 +73,13 @@ def head_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [weight]
 
 
+def as_run(cfg: TrainConfig, device: torch.device, precision: str) -> TrainConfig:
+    """cfg as it runs, for config.yaml and the checkpoint: the preset's shape filled in, the absolute data folder,
+    and the device and precision that `auto` chose."""
+    return replace(with_preset_shape(cfg), data_dir=str(resolve_data_root(cfg.data_dir).absolute()),
+                   device=str(device), amp=PRECISION_AMP[precision])
+
+
 def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE) -> Training:
     """Seeded device, data, model, optimiser, batches and step for cfg, as train() and the benchmark use them.
 
@@ -81,6 +88,7 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
     DistributedDataParallel (with --sync-bn, its BatchNorm layers share statistics across processes)."""
     device = dist.device if dist.enabled else resolve_device(cfg.device)
     precision = resolve_precision(cfg.amp, device)
+    cfg = as_run(cfg, device, precision)
     with torch.device("meta"):  # shape errors before any data is read or downloaded
         build_model(cfg, num_classes=10, image_size=None)
     torch.manual_seed(cfg.seed)

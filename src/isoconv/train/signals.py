@@ -52,19 +52,22 @@ class StopSignals:
 
 
 class Stopper(StopSignals):
-    """StopSignals plus the agreement between processes: under torchrun every process must stop at the same step,
-    so they compare notes every STOP_POLL_STEPS steps (and at every mid-epoch checkpoint and epoch end)."""
+    """StopSignals plus the agreement between processes: under torchrun every process must stop (and take a
+    time-based checkpoint) at the same step, so they compare notes every STOP_POLL_STEPS steps (and at every
+    step-count checkpoint and epoch end)."""
 
     def __init__(self, dist: Dist):
         super().__init__(repeat_interrupts=not dist.enabled)
         self.dist = dist
 
-    def mid_epoch(self, done: int, steps_per_epoch: int, checkpoint_due: bool) -> Optional[int]:
-        """The signal every process agrees to stop on after step `done` of an epoch, or None."""
+    def mid_epoch(self, done: int, steps_per_epoch: int, checkpoint_due: bool,
+                  time_due: bool) -> tuple[Optional[int], bool]:
+        """(the signal every process agrees to stop on after step `done`, or None; whether the checkpoint that
+        time asks for is due on every process)."""
         if not self.dist.enabled:
-            return self.signum
+            return self.signum, time_due
         poll = done < steps_per_epoch and (checkpoint_due or done % ddp.STOP_POLL_STEPS == 0)
-        return ddp.agreed_signal(self.dist, self.signum) if poll else None
+        return ddp.agreed_stop_and_flag(self.dist, self.signum, time_due) if poll else (None, False)
 
     def epoch_end(self) -> Optional[int]:
         return ddp.agreed_signal(self.dist, self.signum)
