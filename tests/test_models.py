@@ -11,7 +11,6 @@ from isoconv.errors import ConfigError
 from isoconv.models import (
     ConvMixer,
     ConvNeXt,
-    DropPath,
     count_params,
     create_model,
     list_models,
@@ -249,7 +248,7 @@ def test_convnext_tin_shape_and_drop_path_rates() -> None:
     model = preset("convnext-tin").eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 200)
-    rates = [block.drop_path.drop_prob for stage in model.stages for block in stage.blocks]
+    rates = [block.drop_path.p for stage in model.stages for block in stage.blocks]
     assert len(rates) == 18
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
     assert rates == sorted(rates)
@@ -312,30 +311,39 @@ def test_convnext_tin_rejects_too_small_image() -> None:
         create_model("convnext-tin", image_size=8)
 
 
-# ----------------------------------------------------------------------------- DropPath
+# ----------------------------------------------------------------------------- stochastic depth
 
 
-def test_drop_path_is_per_sample() -> None:
+def dropped_and_kept(mode: str):
     torch.manual_seed(0)
-    dp = DropPath(0.5)
-    assert dp.drop_prob == 0.5
+    model = create_model("convnext-cifar", dims=[8, 8, 8, 8], depths=[1, 1, 1, 1], drop_path_rate=0.5,
+                         drop_path_mode=mode)
+    block = model.stages[-1].blocks[-1]
+    assert block.drop_path.p == pytest.approx(0.5) and block.drop_path.mode == mode
     x = torch.ones(64, 3, 4, 4)
-    dp.train()
-    y = dp(x)
-    flat = y.reshape(64, -1)
-    dropped = (flat == 0).all(dim=1)
-    kept = (flat == 2).all(dim=1)
+    flat = block.drop_path.train()(x).reshape(64, -1)
+    return (flat == 0).all(dim=1), (flat == 2).all(dim=1), block.drop_path
+
+
+def test_drop_path_is_per_sample_by_default() -> None:
+    dropped, kept, dp = dropped_and_kept("row")
     assert torch.all(dropped | kept)  # every sample is either fully dropped or fully kept (scaled by 1/keep)
     assert dropped.any() and kept.any()
-    dp.eval()
-    assert torch.equal(dp(x), x)
+    x = torch.ones(4, 3, 4, 4)
+    assert torch.equal(dp.eval()(x), x)
 
 
-def test_drop_path_zero_is_identity_and_invalid_prob_raises() -> None:
-    x = torch.randn(4, 2, 3, 3)
-    assert torch.equal(DropPath(0.0).train()(x), x)
+def test_batch_mode_drops_the_whole_batch_as_the_seed_did() -> None:
+    for seed in range(4):
+        dropped, kept, _ = dropped_and_kept("batch")
+        assert bool(dropped.all()) or bool(kept.all())  # all samples share one draw
+
+
+def test_invalid_drop_path_settings_raise() -> None:
     with pytest.raises(ConfigError, match="1.0"):
-        DropPath(1.0)
+        create_model("convnext-cifar", drop_path_rate=1.0)
+    with pytest.raises(ConfigError, match="drop_path_mode must be row or batch"):
+        create_model("convnext-cifar", drop_path_mode="column")
 
 
 # ----------------------------------------------------------------------------- registry
@@ -387,7 +395,7 @@ def test_overrides_apply() -> None:
     cn = create_model("convnext-cifar", dims=[8, 16, 32, 64], drop_path_rate=0.2, num_classes=100, image_size=32)
     assert cn.config["dims"] == [8, 16, 32, 64] and cn.config["depths"] == [2, 2, 2, 2]
     assert cn.config["drop_path_rate"] == 0.2 and cn.head.out_features == 100
-    assert cn.stages[-1].blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    assert cn.stages[-1].blocks[-1].drop_path.p == pytest.approx(0.2)
 
 
 def test_none_overrides_mean_preset_default() -> None:

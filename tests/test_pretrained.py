@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import captured_logs
 import torch
 import torch.nn.functional as F
 from timm.models.convmixer import ConvMixer as TimmConvMixer
@@ -255,12 +256,13 @@ def test_class_count_change_reinitialises_the_head_and_reports_it(tmp_path, caps
                                      act_layer=nn.ReLU), seed=7)
     ours = isoconv.create_model("cm-cpu", dim=16, depth=2)
     fresh_head = ours.head.weight.detach().clone()
-    report = load_pretrained_into(ours, save(theirs.state_dict(), tmp_path / "in1k.pth"))
+    with captured_logs() as logged:
+        report = load_pretrained_into(ours, save(theirs.state_dict(), tmp_path / "in1k.pth"))
     assert report.reinitialised == ["head.weight", "head.bias"] and report.ignored == ["head.weight", "head.bias"]
     assert torch.equal(ours.head.weight, fresh_head)
     assert torch.equal(ours.blocks[1][1].weight, theirs.blocks[1][1].weight)
     assert len(report.loaded) == len(ours.state_dict()) - 2
-    out = capsys.readouterr().out
+    out = "\n".join(logged)
     assert "2 re-initialised, 2 ignored" in out and "re-initialised: head.weight, head.bias" in out
     assert "the file has 1000 classes, the model 10" in out
 
@@ -306,8 +308,9 @@ def test_training_starts_from_pretrained_weights(data_root, tmp_path, capsys):
     path = save(theirs.state_dict(), tmp_path / "cifar100.pth")
     cfg = build_config(model="cm-cpu", dim=16, depth=1, train_subset=64, test_subset=32, data_dir=str(data_root),
                        pretrained=str(path), device="cpu")
-    setup = build_training(cfg)
+    with captured_logs() as logged:
+        setup = build_training(cfg)
     assert torch.equal(setup.model.stem[0].weight.cpu(), theirs.stem[0].weight)
     assert setup.model.head.weight.shape == (10, 16)
-    out = capsys.readouterr().out
+    out = "\n".join(logged)
     assert f"pretrained weights from {path}" in out and "the file has 100 classes, the model 10" in out

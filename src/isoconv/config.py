@@ -73,6 +73,9 @@ class TrainConfig:
                                          least=0, model_kwarg="skip_period")
     drop_path: Optional[float] = setting(help="ConvNeXt stochastic depth rate", role="model", least=0, most=1,
                                          model_kwarg="drop_path_rate")
+    drop_path_mode: Optional[str] = setting(help="ConvNeXt stochastic depth per image (row, the default) or for the "
+                                            "whole batch at once (batch, as the simple-convnext seed did)",
+                                            role="model", choices=("row", "batch"), model_kwarg="drop_path_mode")
     head_dropout: Optional[float] = setting(help="dropout on the pooled features before the classifier (ConvMixer)",
                                             role="model", least=0, most=0.99,
                                             model_kwarg="drop_rate")
@@ -93,6 +96,9 @@ class TrainConfig:
     val_split: Optional[float] = setting(help="folder dataset without val/: hold out this fraction", role="data",
                                          above=0, below=1)
     skip_bad_images: bool = setting(False, "skip and count unreadable images instead of failing", role="runtime")
+    pad_to: Optional[int] = setting(help="zero-pad every image (train and test) to this side, centred: what "
+                                    "simple-convnext's CenterCrop(64) does to 32x32 CIFAR images", role="data",
+                                    above=0)
     test_split: str = setting("full", "full test set, a fixed 5k half, or the ConvMixer-XL study's own 5k half",
                               role="data", choices=TEST_SPLIT_CHOICES)
     # optimisation
@@ -106,6 +112,8 @@ class TrainConfig:
                             "(with beta1 cycling)", role="optimisation", choices=SCHEDULE_CHOICES)
     warmup_epochs: float = setting(0.0, "linear warm-up (cosine schedule)", role="optimisation", least=0)
     wd: float = setting(0.01, "AdamW weight decay", role="optimisation", least=0)
+    wd_norm_bias: bool = setting(True, "also decay norm weights and biases (off: timm's default, decay only "
+                                 "weights with 2+ dimensions)", role="optimisation", flag=None)
     opt_eps: float = setting(1e-8, "AdamW epsilon", role="optimisation", above=0)
     clip_norm: Optional[float] = setting(help="clip the gradient norm to this value", role="optimisation", least=0)
     label_smoothing: float = setting(0.0, role="optimisation", least=0, most=1)
@@ -118,6 +126,8 @@ class TrainConfig:
     no_aug: bool = setting(False, "normalize only", role="augmentation")
     scale: float = setting(0.75, "RandomResizedCrop lower scale bound (1 = no crop)", role="augmentation", above=0,
                            most=1)
+    crop_ratio: float = setting(1.0, "RandomResizedCrop aspect ratios [1/R, R] (timm: 4/3)", role="augmentation",
+                                least=1)
     translate: int = setting(0, "random translation up to N pixels (RandomCrop with zero padding N)",
                              role="augmentation", least=0)
     hflip: bool = setting(True, "random horizontal flip", role="augmentation", flag=None)
@@ -138,6 +148,8 @@ class TrainConfig:
     reprob: float = setting(0.25, "RandomErasing probability", role="augmentation", least=0, most=1)
     erase_mode: str = setting("const", "RandomErasing fill: zeros, or per-pixel normal noise (timm's pixel mode)",
                               role="augmentation", choices=ERASE_MODES)
+    erase_after_mix: bool = setting(False, "erase after Mixup/CutMix, on the mixed batch (timm's order)",
+                                    role="augmentation")
     erase_max_area: float = setting(0.33, "RandomErasing largest area fraction", role="augmentation", above=0.02,
                                     most=1)
     mixup: float = setting(0.0, "Mixup alpha (0 = off)", role="augmentation", least=0, stage="mix")
@@ -150,6 +162,9 @@ class TrainConfig:
     # engine
     amp: str = setting("auto", "autocast precision (auto: bf16 where the hardware has it)", role="engine",
                        choices=AMP_CHOICES)
+    cuda_amp: Optional[str] = setting(help="precision on a CUDA device when --amp is auto: recipes that reproduce a "
+                                      "published run pin its precision (fp16, or off for fp32)", role="engine",
+                                      choices=("bf16", "fp16", "off"))
     channels_last: bool = setting(True, "channels-last memory format", role="engine", both=True)
     compile: bool = setting(False, "torch.compile the model (compile time reported separately)", role="runtime")
     sync_bn: bool = setting(False, "BatchNorm statistics over the global batch under torchrun/DDP (no effect alone)",
@@ -159,6 +174,8 @@ class TrainConfig:
     eval_every: int = setting(1, "evaluate every N epochs (always after the last)", role="engine", above=0)
     ckpt_every_steps: int = setting(0, "also checkpoint every N steps inside an epoch (0 = only at epoch ends)",
                                     role="runtime", least=0)
+    keep_every: int = setting(0, "also keep the checkpoint of every N-th epoch as RUN/epoch-NNN.pt (0 = only the "
+                              "latest)", role="runtime", least=0)
     ckpt_every_minutes: float = setting(10.0, "also checkpoint inside an epoch when this many minutes passed since "
                                         "the last checkpoint (0 = off), so a long epoch loses minutes, not an epoch",
                                         role="runtime", least=0)
@@ -307,6 +324,9 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str) ->
     for key in overrides:
         if key not in CONFIG_KEYS:
             raise ConfigError(f"unknown setting {key!r} in {source}{suggest(key, CONFIG_KEYS)}")
+    # YAML 1.1 reads a bare `off` as False: give choice settings that accept "off" the word back
+    overrides = {k: "off" if v is False and "off" in (SETTINGS[k].metadata["choices"] or ()) else v
+                 for k, v in overrides.items()}
     return dataclasses.replace(cfg, **overrides)
 
 

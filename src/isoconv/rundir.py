@@ -3,6 +3,7 @@
     config.yaml      every resolved setting (written when the run starts)
     metrics.jsonl    one JSON row per finished epoch
     last.pt          the latest checkpoint (last.prev.pt: the one before it)
+    epoch-NNN.pt     with --keep-every N, the checkpoint of every N-th epoch's end
     summary.json     final metrics and facts about the run (its presence means the run finished)
     report.txt       the per-class classification report
     error.txt        why an ablation run failed (it is retried next time)
@@ -85,6 +86,10 @@ class RunDir:
                 if fcntl is not None:
                     fcntl.flock(f, fcntl.LOCK_UN)
 
+    def kept_checkpoint(self, epoch: int) -> Path:
+        """Where --keep-every keeps the checkpoint of the end of `epoch`."""
+        return self.path / f"epoch-{epoch:03d}.pt"
+
     def has_checkpoint(self) -> bool:
         return self.checkpoint.is_file() or self.previous_checkpoint.is_file()
 
@@ -102,6 +107,15 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any], report: str) -> None:
         atomic_write(self.report, report)
         atomic_write(self.summary, json.dumps(summary, indent=2))  # last: its presence means "finished"
+
+    def keep_checkpoint(self, epoch: int) -> None:
+        """Keep the current checkpoint as the one of `epoch` (a hard link where the file system has them)."""
+        target = self.kept_checkpoint(epoch)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(self.checkpoint, target)
+        except OSError:
+            shutil.copyfile(self.checkpoint, target)
 
     def write_error(self, message: str) -> None:
         atomic_write(self.error, message.rstrip("\n") + "\n")

@@ -73,9 +73,11 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def resolve_precision(amp: str, device: torch.device) -> str:
-    """The precision name (fp32, bf16, fp16) that `--amp` means on `device`."""
+def resolve_precision(amp: str, device: torch.device, cuda_amp: Optional[str] = None) -> str:
+    """The precision name (fp32, bf16, fp16) that `--amp` means on `device` (`cuda_amp`: what auto means there)."""
     if amp == "auto":
+        if device.type == "cuda" and cuda_amp is not None:
+            return AMP_TO_PRECISION[cuda_amp]
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"

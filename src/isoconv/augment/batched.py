@@ -84,6 +84,7 @@ __all__ = [
     "resized_crop",
     "color_jitter",
     "erase",
+    "sample_aspect_crop_boxes",
     "sample_crop_boxes",
     "sample_ra_ops",
     "sample_jitter_params",
@@ -205,6 +206,40 @@ def sample_crop_boxes(
     top = _randint_below(height - side + 1, generator)
     left = _randint_below(width - side + 1, generator)
     return top, left, side
+
+
+def sample_aspect_crop_boxes(
+    batch: int, height: int, width: int, scale: float, ratio: float, generator: torch.Generator, device,
+    attempts: int = 10,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-image crop boxes as torchvision ``RandomResizedCrop(scale=(scale, 1), ratio=(1/ratio, ratio))``.
+
+    ``attempts`` candidates per image: area ~ U[scale, 1] * H * W, aspect log-uniform in [1/ratio, ratio],
+    ``w = round(sqrt(area * aspect))``, ``h = round(sqrt(area / aspect))``; the first candidate with
+    ``0 < w <= W`` and ``0 < h <= H`` is used with uniform integer top/left. An image with no fitting candidate gets
+    torchvision's fallback, the whole image clipped to the ratio range and centred.
+    Returns int64 ``(top, left, h, w)`` of shape ``(batch,)``.
+    """
+    area = (height * width) * (scale + (1.0 - scale) * _rand((batch, attempts), generator, device).double())
+    log_r = math.log(ratio)
+    aspect = torch.exp(-log_r + 2 * log_r * _rand((batch, attempts), generator, device).double())
+    w = torch.round(torch.sqrt(area * aspect)).long()
+    h = torch.round(torch.sqrt(area / aspect)).long()
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)
+    h, w, ok = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1), valid.any(dim=1)
+    in_ratio = width / height
+    if in_ratio < 1 / ratio:
+        fallback_w, fallback_h = width, int(round(width * ratio))
+    elif in_ratio > ratio:
+        fallback_w, fallback_h = int(round(height * ratio)), height
+    else:
+        fallback_w, fallback_h = width, height
+    h = torch.where(ok, h, torch.full_like(h, fallback_h))
+    w = torch.where(ok, w, torch.full_like(w, fallback_w))
+    top = torch.where(ok, _randint_below(height - h + 1, generator), (height - h) // 2)
+    left = torch.where(ok, _randint_below(width - w + 1, generator), (width - w) // 2)
+    return top, left, h, w
 
 
 def _aa_bilinear_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
@@ -607,6 +642,7 @@ class BatchAugment:
         erase_mode: str = "const",
         erase_max_area: float = 0.33,
         erase_after_mix: bool = False,
+        crop_ratio: float = 1.0,
     ) -> None:
         if int(image_size) <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
@@ -628,6 +664,7 @@ class BatchAugment:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.scale = float(scale)
+        self.crop_ratio = float(crop_ratio)  # aspect ratios of the crop: [1/crop_ratio, crop_ratio]
         self.hflip = bool(hflip)
         self.ra_n = int(ra_n)
         self.ra_m = int(ra_m)
@@ -697,7 +734,11 @@ class BatchAugment:
         _check_generator(images, generator)
         x = images
         # RandomResizedCrop
-        if self.scale < 1.0 or (H, W) != (S, S):
+        if self.crop_ratio != 1.0:
+            top, left, h, w = sample_aspect_crop_boxes(B, H, W, self.scale, self.crop_ratio, generator, dev)
+            params["crop"] = (top, left, h, w)
+            x = resized_crop(x, top, left, h, w, S)
+        elif self.scale < 1.0 or (H, W) != (S, S):
             top, left, side = sample_crop_boxes(B, H, W, self.scale, generator, dev)
             params["crop"] = (top, left, side)
             x = resized_crop(x, top, left, side, side, S)

@@ -14,14 +14,13 @@ float as in timm.  Calls with mixing disabled (both alphas 0) draw nothing.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MIX_MODES", "one_hot_smooth", "MixupCutmix", "soft_target_cross_entropy", "mix_elem_apply"]
+__all__ = ["MIX_MODES", "one_hot_smooth", "MixupCutmix", "MixThenErase", "mix_elem_apply"]
 
 MIX_MODES = ("batch", "elem")
 
@@ -35,11 +34,6 @@ def one_hot_smooth(targets: Tensor, num_classes: int, smoothing: float = 0.0) ->
     on = 1.0 - smoothing + off
     out = torch.full((targets.shape[0], num_classes), off, dtype=torch.float32, device=targets.device)
     return out.scatter_(1, targets.long().view(-1, 1), on)
-
-
-def soft_target_cross_entropy(logits: Tensor, soft_targets: Tensor) -> Tensor:
-    """Mean over the batch of ``sum_c -t_c * log_softmax(logits)_c``."""
-    return torch.sum(-soft_targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
 class MixupCutmix:
@@ -211,3 +205,20 @@ def mix_elem_apply(x: Tensor, lam: Tensor, use_cutmix: Tensor, boxes: Tensor) ->
     y0, y1, x0, x1 = (boxes[:, k].view(B, 1, 1) for k in range(4))
     inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1) & (mixed & use_cutmix).view(B, 1, 1)
     return torch.where(inside.unsqueeze(1), partner, out)
+
+
+class MixThenErase:
+    """Mixup/CutMix, then RandomErasing on the mixed batch (timm's order; `erase` is e.g.
+    ``BatchAugment.erase_stage``). Same interface as :class:`MixupCutmix`; every batch gets soft targets."""
+
+    enabled = True
+
+    def __init__(self, mix: MixupCutmix, erase: Callable[[Tensor, torch.Generator], Tensor]):
+        self.mix, self.erase = mix, erase
+
+    def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        if self.mix.enabled:
+            x, targets = self.mix(x, y, generator)
+        else:
+            targets = one_hot_smooth(y, self.mix.num_classes, self.mix.label_smoothing)
+        return self.erase(x, generator), targets

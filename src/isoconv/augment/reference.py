@@ -37,6 +37,7 @@ def torchvision_train_transform(
     erase_mode: str = "const",
     erase_max_area: float = 0.33,
     erase_after_mix: bool = False,
+    crop_ratio: float = 1.0,
 ) -> T.Compose:
     """RandomResizedCrop -> flips -> RandomAffine -> RandAugment -> ColorJitter -> to float -> Normalize
     -> RandomErasing.
@@ -50,7 +51,7 @@ def torchvision_train_transform(
         return torchvision_test_transform(image_size=image_size, mean=mean, std=std)
     steps: list = [
         T.RandomResizedCrop(
-            image_size, scale=(scale, 1.0), ratio=(1.0, 1.0),
+            image_size, scale=(scale, 1.0), ratio=(1.0 / crop_ratio, crop_ratio),
             interpolation=T.InterpolationMode.BILINEAR, antialias=True,
         )
     ]

@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 
 
 @dataclass(eq=False)  # tensors have no single truth value; compare fields explicitly
@@ -48,6 +48,17 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def zero_padded(self, size: int) -> "ImageDataset":
+        """Every image zero-padded to size x size, centred (torchvision CenterCrop's padding when the crop is larger
+        than the image)."""
+        h, w = self.images.shape[-2:]
+        if size < max(h, w):
+            raise ConfigError(f"--pad-to {size} is smaller than the {h}x{w} images of {self.name}; pass at least "
+                              f"{max(h, w)} (or --image-size to resize)")
+        top, left = (size - h) // 2, (size - w) // 2
+        padded = torch.nn.functional.pad(self.images, (left, size - w - left, top, size - h - top))
+        return replace(self, images=padded)
 
     @property
     def num_classes(self) -> int:

@@ -96,6 +96,9 @@ def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm: 
     test = load_dataset(cfg.dataset, root, "test", norm=norm, **opts)
     test = replace(test, split_images=len(test))
     test = select_test_split(test, cfg.test_split)
+    if cfg.pad_to:
+        test = test.zero_padded(cfg.pad_to)
+        train_ds = train_ds.zero_padded(cfg.pad_to) if train_ds is not None else None
     test = test.subset(cfg.test_subset).to(device)
     if not train:
         return None, test

@@ -1,6 +1,6 @@
 """Model definitions (ConvMixer, ConvMixer-XL, small ConvNeXt) and the preset registry."""
 from .convmixer import ConvMixer
-from .convnext import ConvNeXt, DropPath
+from .convnext import ConvNeXt
 from .registry import (build_model, count_params, create_model, list_models, model_info, register_model,
                        with_preset_shape)
 
@@ -8,7 +8,6 @@ __all__ = [
     "ConvMixer",
     "ConvNeXt",
     "build_model",
-    "DropPath",
     "count_params",
     "create_model",
     "list_models",

@@ -19,35 +19,14 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from ..errors import ConfigError
 from .convmixer import canonical_activation, check_image_size, check_positive_int, make_activation
 
-__all__ = ["ConvNeXt", "ConvNeXtBlock", "ConvNeXtStage", "DropPath", "LayerNorm2d"]
+__all__ = ["ConvNeXt", "ConvNeXtBlock", "ConvNeXtStage", "LayerNorm2d"]
 
 LN_EPS = 1e-6
-
-
-class DropPath(nn.Module):
-    """Stochastic depth, per sample: each sample's branch is zeroed with probability ``drop_prob``
-    and the kept ones are scaled by ``1 / (1 - drop_prob)``. Identity in eval mode."""
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        if isinstance(drop_prob, bool) or not isinstance(drop_prob, numbers.Real) or not 0.0 <= drop_prob < 1.0:
-            raise ConfigError(f"drop path probability must be in [0, 1), got {drop_prob!r}")
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep_prob = 1.0 - self.drop_prob
-        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # (B, 1, 1, 1) for images
-        mask = x.new_empty(mask_shape).bernoulli_(keep_prob)
-        return x * mask / keep_prob
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:.3f}"
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -63,7 +42,7 @@ class ConvNeXtBlock(nn.Module):
     """One ConvNeXt block; the MLP runs channels-last (NHWC) so LayerNorm/Linear act on channels."""
 
     def __init__(self, dim: int, kernel_size: int = 7, drop_path: float = 0.0, layer_scale_init: float = 1e-6,
-                 activation: str = "gelu") -> None:
+                 activation: str = "gelu", drop_path_mode: str = "row") -> None:
         super().__init__()
         self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
@@ -75,7 +54,8 @@ class ConvNeXtBlock(nn.Module):
             self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
         else:
             self.gamma = None
-        self.drop_path = DropPath(drop_path)
+        # stochastic depth: per image ("row") or, as the simple-convnext seed did, for the whole batch ("batch")
+        self.drop_path = StochasticDepth(drop_path, drop_path_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -101,6 +81,7 @@ class ConvNeXtStage(nn.Module):
         drop_path_rates: Sequence[float],
         layer_scale_init: float,
         activation: str = "gelu",
+        drop_path_mode: str = "row",
     ) -> None:
         super().__init__()
         self.downsample: nn.Module
@@ -112,7 +93,7 @@ class ConvNeXtStage(nn.Module):
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(
-            *[ConvNeXtBlock(out_dim, kernel_size, drop_path_rates[j], layer_scale_init, activation)
+            *[ConvNeXtBlock(out_dim, kernel_size, drop_path_rates[j], layer_scale_init, activation, drop_path_mode)
               for j in range(depth)]
         )
 
@@ -150,6 +131,7 @@ class ConvNeXt(nn.Module):
         image_size: Optional[int] = None,
         activation: str = "gelu",
         depth: Optional[int] = None,
+        drop_path_mode: str = "row",
     ) -> None:
         super().__init__()
         activation = canonical_activation(activation)
@@ -174,6 +156,8 @@ class ConvNeXt(nn.Module):
             )
         if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, numbers.Real) or not 0.0 <= drop_path_rate < 1.0:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+        if drop_path_mode not in ("row", "batch"):
+            raise ConfigError(f"drop_path_mode must be row or batch, got {drop_path_mode!r}")
         if isinstance(layer_scale_init, bool) or not isinstance(layer_scale_init, numbers.Real):
             raise ConfigError(f"layer_scale_init must be a number, got {layer_scale_init!r}")
         num_stages = len(depths)
@@ -196,6 +180,7 @@ class ConvNeXt(nn.Module):
             kernel_size=kernel_size,
             image_size=image_size,
             activation=activation,
+            drop_path_mode=drop_path_mode,
         )
         self.num_classes = num_classes
         self.num_features = dims[-1]
@@ -218,6 +203,7 @@ class ConvNeXt(nn.Module):
                     drop_path_rates=rates[start : start + depths[i]],
                     layer_scale_init=float(layer_scale_init),
                     activation=activation,
+                    drop_path_mode=drop_path_mode,
                 )
             )
             start += depths[i]

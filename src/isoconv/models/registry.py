@@ -119,6 +119,12 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 def build_model(cfg: TrainConfig, num_classes: int, image_size: Optional[int]) -> nn.Module:
     """cfg's model preset with cfg's explicit shape overrides, for this many classes and this image size."""
+    info = model_info(cfg.model)
+    for name, value in cfg.model_overrides().items():
+        if info["accepts"] is not None and name not in info["accepts"]:
+            setting = next(f for f, kwarg in MODEL_KWARGS.items() if kwarg == name)
+            raise ConfigError(f"--{setting.replace('_', '-')} does not apply to model {info['name']!r} "
+                              f"({info['family']}); drop it or pick a model that has it (`isoconv models`)")
     return create_model(cfg.model, num_classes=num_classes, image_size=image_size, **cfg.model_overrides())
 
 

@@ -332,6 +332,8 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
             tb.log_epoch(row)
             save_run_checkpoint(t, run, epoch + 1, 0, None, train_seconds)
             last_save = time.monotonic()
+            if dist.is_main and cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:
+                run.keep_checkpoint(epoch + 1)
             info(format_row(row))
             if cfg.compile and epoch == start_epoch and t.step.compile_seconds is not None:
                 info(f"torch.compile: {t.step.compile_seconds:.1f} s (extra time of the first step, included in "

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..augment import BatchAugment, MixupCutmix
+from ..augment import BatchAugment, MixThenErase, MixupCutmix
 from ..augment.reference import torchvision_train_transform
 from ..config import TRANSFORM_FIELDS, TrainConfig
 from ..data import load_data, resolve_data_root
@@ -42,9 +42,14 @@ class Training:
     dist: Dist = SINGLE
 
 
+def transform_settings(cfg: TrainConfig, train) -> dict[str, Any]:
+    """The keyword arguments of both augmentation pipelines (BatchAugment, torchvision_train_transform)."""
+    return dict(image_size=train.image_size, mean=train.mean, std=train.std,
+                **{name: getattr(cfg, name) for name in TRANSFORM_FIELDS})
+
+
 def build_loader(cfg: TrainConfig, train, generator: torch.Generator, device: torch.device, dist: Dist = SINGLE):
-    aug = dict(image_size=train.image_size, mean=train.mean, std=train.std,
-               **{name: getattr(cfg, name) for name in TRANSFORM_FIELDS})
+    aug = transform_settings(cfg, train)
     if cfg.loader == "torchvision":
         return TorchvisionLoader(train, cfg.batch_size, torchvision_train_transform(**aug), generator, device,
                                  workers=cfg.workers, rank=dist.rank, world_size=dist.world_size)
@@ -54,14 +59,22 @@ def build_loader(cfg: TrainConfig, train, generator: torch.Generator, device: to
 def build_optimizer(cfg: TrainConfig, model, device: torch.device, precision: str):
     """AdamW on all parameters (lr is set every step by the schedule) and the fp16 grad scaler."""
     fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters on a GPU
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.wd, eps=cfg.opt_eps, **fused)
+    params = list(model.parameters())
+    if not cfg.wd_norm_bias:  # norm weights and biases are the parameters with fewer than 2 dimensions
+        params = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=cfg.wd, eps=cfg.opt_eps, **fused)
     return optimizer, torch.amp.GradScaler(device.type, enabled=PRECISIONS[precision] == torch.float16)
 
 
-def build_mix(cfg: TrainConfig, num_classes: int) -> MixupCutmix:
+def build_mix(cfg: TrainConfig, train) -> MixupCutmix:
+    """Mixup/CutMix, followed by RandomErasing of the mixed batch with --erase-after-mix."""
     mixup, cutmix = (0.0, 0.0) if cfg.no_aug else (cfg.mixup, cfg.cutmix)
-    return MixupCutmix(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob,
-                       label_smoothing=cfg.label_smoothing, num_classes=num_classes, mix_mode=cfg.mix_mode)
+    mix = MixupCutmix(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob,
+                      label_smoothing=cfg.label_smoothing, num_classes=train.num_classes, mix_mode=cfg.mix_mode)
+    if not cfg.erase_after_mix or cfg.no_aug:
+        return mix
+    return MixThenErase(mix, BatchAugment(**transform_settings(cfg, train)).erase_stage)
 
 
 def head_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -87,7 +100,7 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
     each process uses its own device, local rank 0 loads (and caches) the data first, and the model is wrapped in
     DistributedDataParallel (with --sync-bn, its BatchNorm layers share statistics across processes)."""
     device = dist.device if dist.enabled else resolve_device(cfg.device)
-    precision = resolve_precision(cfg.amp, device)
+    precision = resolve_precision(cfg.amp, device, cfg.cuda_amp)
     cfg = as_run(cfg, device, precision)
     with torch.device("meta"):  # shape errors before any data is read or downloaded
         build_model(cfg, num_classes=10, image_size=None)
@@ -108,7 +121,7 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
     step_model = ddp.wrap_ddp(model, dist) if dist.enabled else model
     step_model = compile_model(step_model, device) if cfg.compile else step_model
     eval_model = (compile_model(model, device) if cfg.compile else model) if dist.enabled else step_model
-    step = TrainStep(step_model, optimizer, scaler, build_mix(cfg, train_ds.num_classes), gen, device=device,
+    step = TrainStep(step_model, optimizer, scaler, build_mix(cfg, train_ds), gen, device=device,
                      precision=precision, channels_last=cfg.channels_last, clip_norm=cfg.clip_norm,
                      label_smoothing=cfg.label_smoothing, skip_nonfinite=cfg.skip_nonfinite, compiled=cfg.compile,
                      l2=cfg.head_l2, l2_weights=head_weights(model) if cfg.head_l2 else [])
