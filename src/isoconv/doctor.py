@@ -6,8 +6,7 @@ data is read or downloaded), through the very objects `isoconv train` uses (`bui
 or does not apply to the device (-, e.g. fused AdamW on a CPU). `run_doctor` returns 0 when every check that
 applies passed, else 1.
 
-`summarize_gpu_check` gathers what `scripts/gpu-check.sh` produced (doctor, throughput, time to accuracy) into one
-JSON and one markdown summary.
+`scripts/gpu-check.sh` runs this, `isoconv bench` and a time-to-accuracy run (see docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -332,63 +331,3 @@ def run_doctor(device_name: str = "auto", json_path: Optional[Path] = None) -> i
                   "checks": [asdict(c) for c in results]}
         atomic_write(Path(json_path), json.dumps(report, indent=2))
     return 1 if failed else 0
-
-
-# ----------------------------------------------------------------------------- scripts/gpu-check.sh's summary
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def summarize_gpu_check(out: Path, device: str, quick: bool, steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """summary.json and summary.md in `out` from doctor.json, bench.json and tta.json there; `steps` holds each
-    step's exit code and seconds. Returns the summary."""
-    out = Path(out)
-    doctor, bench, tta = (_read_json(out / f"{name}.json") for name in ("doctor", "bench", "tta"))
-    summary = {"device": device, "quick": quick, "ok": all(s.get("exit_code") == 0 for s in steps.values()),
-               "steps": steps, "total_seconds": sum(s.get("seconds", 0) for s in steps.values()),
-               "doctor": doctor, "throughput": bench,
-               "time_to_accuracy": {k: v for k, v in tta.items() if k != "timeline"} if tta else None}
-    md = [f"# GPU check ({device}{', quick' if quick else ''})", "",
-          f"{'all steps passed' if summary['ok'] else 'SOME STEPS FAILED'}; {summary['total_seconds']:.0f} s in all",
-          "", "| step | exit code | seconds |", "|---|---|---|"]
-    md += [f"| {name} | {s.get('exit_code')} | {s.get('seconds', 0):.0f} |" for name, s in steps.items()]
-    md += ["", "## Doctor", ""]
-    if doctor:
-        env = doctor["environment"]
-        md += [f"- {line}" for line in environment_lines(env)] + ["", "| feature | ok | detail |", "|---|---|---|"]
-        md += [f"| {c['name']} | {MARKS[c['status']]} | {c['detail']} |" for c in doctor["checks"]]
-    else:
-        md.append("no doctor.json was written")
-    md += ["", "## Throughput", ""]
-    if bench:
-        md += ["| model | loader | amp | train img/s | infer img/s | epoch s (est.) | % matmul | x torchvision |",
-               "|---|---|---|---|---|---|---|---|"]
-        md += [f"| {r['model']} | {r['loader']} | {r['amp']} | {_fmt(r['train_images_per_second'], '.0f')} | "
-               f"{_fmt(r['inference_images_per_second'], '.0f')} | {_fmt(r['epoch_seconds_estimate'], '.1f')} | "
-               f"{_fmt(r.get('train_fraction_of_matmul') and 100 * r['train_fraction_of_matmul'], '.1f')} | "
-               f"{_fmt(r.get('speedup_vs_torchvision'), '.2f')} |" for r in bench["rows"]]
-    else:
-        md.append("no bench.json was written")
-    md += ["", "## Time to accuracy", ""]
-    if tta:
-        reached = (f"reached {tta['threshold']:.2%} at epoch {tta['epoch']} after {tta['train_seconds']:.1f} s of "
-                   f"training ({_fmt(tta['wall_seconds'], '.1f')} s wall)" if tta["reached"]
-                   else f"did not reach {tta['threshold']:.2%}")
-        stop = (f"; stopped by the time budget ({tta['time_budget']:g} s) after {tta['epochs_done']} of "
-                f"{tta['epochs']} epochs" if tta.get("stopped_early") else "")
-        md += [f"- {tta['recipe']} ({tta['model']}, {tta['amp']}, batch {tta['batch_size']}): {reached}{stop}",
-               f"- final test top-1 {_fmt(tta['final_test_top1'], '.4f')}, {tta['total_train_seconds']:.1f} s of "
-               f"training, {tta['total_wall_seconds']:.1f} s wall; run folder {tta['run_dir']}"]
-    else:
-        md.append("no tta.json was written")
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-    atomic_write(out / "summary.md", "\n".join(md) + "\n")
-    return summary

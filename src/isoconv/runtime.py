@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_TO_PRECISION = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
 CXX_COMPILERS = ("g++", "clang++", "c++", "cl")
-COMPILE_BACKEND = "inductor"
+# $ISOCONV_COMPILE_BACKEND=eager: dynamo captures the graph but generates no code (quick CPU checks, tests)
+COMPILE_BACKEND = os.environ.get("ISOCONV_COMPILE_BACKEND") or "inductor"
 
 
 def resolve_device(name) -> torch.device:
