@@ -19,7 +19,8 @@ while [ $# -gt 0 ]; do
     --device) device="$2"; shift 2 ;;
     --data-dir) data_dir="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    --budget) budget="$2"; shift 2 ;;
+    --budget) budget="$2"; shift 2
+      case "$budget" in ''|*[!0-9]*) echo "gpu-check.sh: error: --budget takes whole seconds, got $budget" >&2; exit 2 ;; esac ;;
     --quick) quick=1; shift ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "gpu-check.sh: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -31,18 +32,19 @@ fi
 mkdir -p "$out" || exit 2
 data=()
 [ -n "$data_dir" ] && data=(--data-dir "$data_dir")
-start=$(date +%s.%N)
+ms() { echo $(( $(date +%s%N) / 1000000 )); }  # milliseconds now (no bc needed)
+start=$(ms)
 steps_json=""
 
 step() {  # step NAME COMMAND...: run, time and record a step; a failure does not stop the check
   local name="$1"; shift
   local t0 t1 rc
   echo "== $name: $*"
-  t0=$(date +%s.%N)
+  t0=$(ms)
   "$@" 2>&1 | tee "$out/$name.log"
   rc=${PIPESTATUS[0]}
-  t1=$(date +%s.%N)
-  steps_json="$steps_json${steps_json:+, }\"$name\": {\"exit_code\": $rc, \"seconds\": $(echo "$t1 - $t0" | bc)}"
+  t1=$(ms)
+  steps_json="$steps_json${steps_json:+, }\"$name\": {\"exit_code\": $rc, \"seconds\": $(( t1 - t0 )).0e-3}"
 }
 
 isoconv=("$py" -m isoconv)
@@ -63,8 +65,8 @@ step doctor "${isoconv[@]}" doctor --device "$device" --json "$out/doctor.json"
 step bench "${isoconv[@]}" bench --loaders device,torchvision "${bench[@]}" --device "$device" "${data[@]}" \
   --json "$out/bench.json"
 # what is left of the budget, less a margin for loading the data and the last evaluation; at least 30 s
-left=$(echo "$budget - ($(date +%s.%N) - $start) - 30" | bc)
-left=$(echo "if ($left < 30) 30 else $left" | bc)
+left=$(( budget - ($(ms) - start) / 1000 - 30 ))
+[ "$left" -lt 30 ] && left=30
 step tta "${isoconv[@]}" bench --time-to-accuracy 0.925 "${tta[@]}" --time-budget "$left" --device "$device" \
   "${data[@]}" --out "$out/tta-run" --json "$out/tta.json"
 
