@@ -12,7 +12,7 @@ LAYERS = {"fileio": 1, "errors": 1, "augment": 1,
           "weights": 4,
           "eval": 5,
           "train": 6,
-          "experiments": 7, "bench": 7, "interop": 7,
+          "experiments": 7, "bench": 7, "doctor": 7, "interop": 7,
           "cli": 8, "__main__": 8, "__init__": 8}
 
 

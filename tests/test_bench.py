@@ -1,7 +1,7 @@
 """`isoconv bench` (throughput rows, FLOP counts, machine matmul rate, time to accuracy) and `--compile`.
 
 torch.compile's default (inductor) backend needs ~30 s of C++ code generation even for a tiny model on this
-CPU, so the compile tests set ISOCONV_COMPILE_BACKEND=eager: dynamo still captures and runs the graph (the
+CPU, so the compile tests set runtime.COMPILE_BACKEND to eager: dynamo still captures and runs the graph (the
 wrapper, the recompiles and the state dict are the real ones), only the code generation is skipped.
 """
 import json

@@ -279,11 +279,15 @@ def time_to_accuracy(cfg: TrainConfig, threshold: float, *, json_path: Optional[
     """Train cfg and report when test top-1 (a fraction) first reached `threshold`.
 
     wall_seconds counts from the call (data loading, model building, compilation, evaluation and checkpoints
-    included); train_seconds only the training epochs. Only evaluated epochs (--eval-every) can count.
+    included); train_seconds only the training epochs. Only evaluated epochs (--eval-every) can count. With
+    --time-budget the run may stop early (checkpointed, resumable): `stopped_early` is then true and the final
+    figures are those of the last epoch trained.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--time-to-accuracy {threshold} is not a top-1 fraction in [0, 1]; "
                           f"write 0.925 for 92.5%")
+    if not cfg.out:  # the run folder is needed even when a --time-budget stop returns no summary
+        cfg = replace(cfg, out=str(RunDir.new(cfg.model).path))
     t0 = time.perf_counter()
     clock = LineClock(t0)
     train_log = logging.getLogger("isoconv.train")
@@ -296,7 +300,14 @@ def time_to_accuracy(cfg: TrainConfig, threshold: float, *, json_path: Optional[
         train_log.removeHandler(clock)
         train_log.setLevel(level)
     total_wall = time.perf_counter() - t0
-    timeline = epoch_timeline(RunDir(summary["run_dir"]).read_metrics(), clock.logged_at)
+    rows = RunDir(cfg.out).read_metrics()
+    stopped_early = summary is None
+    if stopped_early:  # --time-budget stopped it: the last trained epoch stands for the end
+        device = resolve_device(cfg.device)
+        summary = {"test_top1": next((r["test_top1"] for r in reversed(rows) if r["test_top1"] is not None), None),
+                   "train_seconds": sum(r["epoch_seconds"] for r in rows), "run_dir": cfg.out,
+                   "amp": resolve_precision(cfg.amp, device), "compile_seconds": None}
+    timeline = epoch_timeline(rows, clock.logged_at)
     hit = next((e for e in timeline if e["test_top1"] is not None and e["test_top1"] >= threshold), None)
     report = {"mode": "time-to-accuracy", "threshold": threshold, "reached": hit is not None,
               "epoch": hit and hit["epoch"], "test_top1": hit and hit["test_top1"],
@@ -305,7 +316,8 @@ def time_to_accuracy(cfg: TrainConfig, threshold: float, *, json_path: Optional[
               "total_wall_seconds": total_wall, "compile_seconds": summary.get("compile_seconds"),
               "recipe": cfg.recipe, "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
               "amp": summary["amp"], "loader": cfg.loader, "run_dir": summary["run_dir"],
-              "machine": machine_info(resolve_device(cfg.device)), "timeline": timeline}
+              "machine": machine_info(resolve_device(cfg.device)), "stopped_early": stopped_early,
+              "epochs_done": len(rows), "time_budget": cfg.time_budget, "timeline": timeline}
     if hit:
         wall = _fmt(hit["wall_seconds"], ".1f", "?")
         log.info(f"time to {threshold:.2%} test top-1: epoch {hit['epoch']} ({hit['test_top1']:.2%}), "
@@ -313,7 +325,7 @@ def time_to_accuracy(cfg: TrainConfig, threshold: float, *, json_path: Optional[
             f"evaluation included)")
     else:
         best = max((e["test_top1"] for e in timeline if e["test_top1"] is not None), default=None)
-        log.info(f"test top-1 never reached {threshold:.2%} in {cfg.epochs} epochs (best {_fmt(best, '.2%')}, "
+        log.info(f"test top-1 never reached {threshold:.2%} in {len(rows)} epochs (best {_fmt(best, '.2%')}, "
             f"{summary['train_seconds']:.1f} s of training)")
     if json_path:
         atomic_write(json_path, json.dumps(report, indent=2))

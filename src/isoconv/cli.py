@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .bench import run_bench, time_to_accuracy
+from .doctor import run_doctor
 from .config import add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
 from .errors import Interrupted, UserError
 from .fileio import DISK_FULL
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     add_setting_flags(p)  # --batch-size (default 128 without a recipe), --data-dir, --device, --compile, ...
     add_experiment_parsers(sub)  # ablate, report
+    p = sub.add_parser("doctor", help="the environment, then a few training steps through every fast-path feature "
+                       "(precisions, channels_last, compile, fused AdamW, device loader, DDP, checkpoints); exit 1 "
+                       "when one that applies fails")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--skip", metavar="WORD[,WORD]", default="", help="do not run the checks whose name holds one of "
+                   "these words (e.g. compile: compiling takes a minute on a CPU)")
     p = sub.add_parser("predict", help="top-k classes for image files (from a run or an exported model)")
     p.add_argument("target", metavar="RUN_DIR_OR_WEIGHTS", help="run directory, checkpoint, .safetensors, .onnx "
                    "or TorchScript file")
@@ -134,6 +142,11 @@ def cmd_bench(args) -> int:
               steps=args.steps, warmup=args.warmup, windows=args.windows, full_epoch=args.full_epoch,
               matmul_size=args.matmul_size, json_path=json_path)
     return 0
+
+
+def cmd_doctor(args) -> int:
+    skip = [w.strip() for w in args.skip.split(",") if w.strip()]
+    return run_doctor(args.device, Path(args.json) if args.json else None, skip)
 
 
 def cmd_models(args) -> int:
@@ -233,7 +246,8 @@ def cmd_export(args) -> int:
 
 
 COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench,
-            "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate, "report": cmd_report}
+            "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate, "report": cmd_report,
+            "doctor": cmd_doctor}
 
 
 class _Console(logging.Handler):

@@ -31,6 +31,7 @@ ERASE_MODES = ("const", "pixel")
 MIX_MODES = ("batch", "elem")
 INTERPOLATIONS = ("nearest", "bilinear")
 ACTIVATION_CHOICES = ("gelu", "relu", "silu", "leaky_relu")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 ROLES = ("model", "data", "optimisation", "augmentation", "engine", "runtime", "provenance")
@@ -183,6 +184,12 @@ class TrainConfig:
                                    role="engine")
     tensorboard: bool = setting(False, "also log every scalar to RUN_DIR/tensorboard", role="runtime")
     out: Optional[str] = setting(help="run directory (default runs/<timestamp>-<model>)", role="runtime")
+    compile_mode: str = setting("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA "
+                                "graphs on a GPU) or max-autotune (longer compile, tuned kernels)", role="runtime",
+                                choices=COMPILE_MODES)
+    time_budget: Optional[float] = setting(help="stop cleanly (checkpoint written, resumable) at the first epoch end "
+                                           "from which one more epoch would pass this many seconds since training "
+                                           "started", role="runtime", above=0, metavar="SECONDS")
     # provenance (not training settings)
     recipe: Optional[str] = setting(role="provenance", flag=False)
     description: str = setting("", role="provenance", flag=False)

@@ -96,14 +96,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """torch.compile(model), sharing its parameters, with COMPILE_BACKEND."""
-    if COMPILE_BACKEND == "inductor" and device.type == "cpu" and not any(
-            shutil.which(c) for c in (os.environ.get("CXX", ""), *CXX_COMPILERS) if c):
+def configure_device(device: torch.device) -> None:
+    """Process-wide speed settings for training on `device`: on CUDA, cuDNN benchmarks the convolution algorithms
+    for each new input shape once and keeps the fastest (shapes are fixed here: one batch size, one image size)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def cxx_compiler() -> Optional[str]:
+    """The C++ compiler inductor would use on a CPU ($CXX first), or None."""
+    return next((path for c in (os.environ.get("CXX", ""), *CXX_COMPILERS) if c for path in [shutil.which(c)]
+                 if path), None)
+
+
+def compile_model(model: torch.nn.Module, device: torch.device, mode: str = "default") -> torch.nn.Module:
+    """torch.compile(model), sharing its parameters, with COMPILE_BACKEND in `mode` (default, reduce-overhead:
+    CUDA graphs on a GPU, max-autotune)."""
+    if COMPILE_BACKEND == "inductor" and device.type == "cpu" and cxx_compiler() is None:
         raise ConfigError("--compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop "
                           "--compile")
     try:
-        return torch.compile(model, backend=COMPILE_BACKEND)
+        if mode == "default" or COMPILE_BACKEND != "inductor":  # modes are inductor's
+            return torch.compile(model, backend=COMPILE_BACKEND)
+        return torch.compile(model, backend=COMPILE_BACKEND, mode=mode)
     except RuntimeError as e:  # platforms and Pythons this torch cannot compile on, unknown backends
         raise ConfigError(f"--compile is not available here ({str(e).splitlines()[0]}); drop --compile") from None
 

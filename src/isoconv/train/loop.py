@@ -172,6 +172,14 @@ def check_finite(t: Training, first_bad: torch.Tensor, epoch: int, run: RunDir) 
         raise UserError(nonfinite_message(t.cfg, epoch, bad, len(t.loader), run))
 
 
+def over_time_budget(cfg: TrainConfig, dist: Dist, started: float, epoch_wall: float) -> bool:
+    """--time-budget: would one more epoch (as long as the last) end past the budget? One agreed answer under DDP."""
+    if cfg.time_budget is None:
+        return False
+    over = time.perf_counter() - started + epoch_wall > cfg.time_budget
+    return ddp.agreed_signal(dist, 1 if over else None) is not None
+
+
 def log_start(t: Training, run: RunDir, info, start_state: Optional[dict], history: list[dict]) -> None:
     cfg, dist = t.cfg, t.dist
     info(f"run {run}: {cfg.model} ({count_params(t.model):,} params) on {t.device} {t.precision}, {cfg.dataset} "
@@ -258,9 +266,11 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
     log_start(t, run, info, start_state, history)
 
     result, last_save = None, time.monotonic()
+    budget_stop, started, last_epoch_wall = None, time.perf_counter(), None
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     with Stopper(dist) as stop:
         for epoch in range(start_epoch, end_epoch):
+            epoch_started = time.perf_counter()
             t.step.model.train()
             if resumed_epoch is not None:  # resuming mid-epoch: same order, same partial sums
                 state, first = EpochState.from_dict(resumed_epoch, device, dist), start_step
@@ -323,7 +333,9 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
                    "train_acc": correct.item() / seen, "test_loss": None, "test_top1": None, "test_top5": None,
                    "epoch_seconds": epoch_seconds, "images_per_second": seen / epoch_seconds,
                    "skipped_steps": state.skipped}
-            if epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0:
+            if epoch + 1 < end_epoch and over_time_budget(cfg, dist, started, last_epoch_wall or epoch_seconds):
+                budget_stop = epoch + 1  # evaluated, checkpointed and logged like a last epoch, then stop
+            if epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0 or budget_stop:
                 result = evaluate(t)
                 row.update({k: result[k] for k in ("test_loss", "test_top1", "test_top5")})
             history.append(row)
@@ -341,8 +353,15 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
             signum = stop.epoch_end()  # also waits for rank 0's checkpoint
             if signum is not None:
                 raise interrupted(signum, run.path, epoch + 1, 0)
+            last_epoch_wall = time.perf_counter() - epoch_started
+            if budget_stop:
+                break
 
     tb.close()
+    if budget_stop:
+        info(f"--time-budget {cfg.time_budget:g} s: stopped after epoch {budget_stop} of {cfg.epochs} (another epoch "
+             f"would pass the budget); continue with `isoconv train --resume {run}`")
+        return None
     if end_epoch < cfg.epochs:
         info(f"stopped after epoch {end_epoch}; continue with `isoconv train --resume {run}`")
         return None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -10,11 +10,12 @@ from ..augment import BatchAugment, MixThenErase, MixupCutmix
 from ..augment.reference import torchvision_train_transform
 from ..config import TRANSFORM_FIELDS, TrainConfig
 from ..data import load_data, resolve_data_root
+from ..data.dataset import ImageDataset
 from ..data.provenance import verify_data
 from ..data.loaders import DeviceLoader, TorchvisionLoader
 from ..errors import ConfigError
 from ..models import build_model, with_preset_shape
-from ..runtime import PRECISION_AMP, PRECISIONS, compile_model, resolve_device, resolve_precision
+from ..runtime import PRECISION_AMP, PRECISIONS, compile_model, configure_device, resolve_device, resolve_precision
 from ..weights import load_pretrained_into
 from . import distributed as ddp
 from .distributed import SINGLE, Dist
@@ -93,23 +94,30 @@ def as_run(cfg: TrainConfig, device: torch.device, precision: str) -> TrainConfi
                    device=str(device), amp=PRECISION_AMP[precision])
 
 
-def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE) -> Training:
+def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE,
+                   data: Optional[tuple[ImageDataset, ImageDataset]] = None) -> Training:
     """Seeded device, data, model, optimiser, batches and step for cfg, as train() and the benchmark use them.
 
     When resuming, the checkpoint supplies the weights, so --pretrained is not read again. Under torchrun (`dist`)
     each process uses its own device, local rank 0 loads (and caches) the data first, and the model is wrapped in
-    DistributedDataParallel (with --sync-bn, its BatchNorm layers share statistics across processes)."""
+    DistributedDataParallel (with --sync-bn, its BatchNorm layers share statistics across processes). `data`: the
+    (train, test) datasets to use instead of loading cfg's."""
     device = dist.device if dist.enabled else resolve_device(cfg.device)
     precision = resolve_precision(cfg.amp, device, cfg.cuda_amp)
     cfg = as_run(cfg, device, precision)
+    configure_device(device)
     with torch.device("meta"):  # shape errors before any data is read or downloaded
         build_model(cfg, num_classes=10, image_size=None)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
-    with ddp.main_process_first(dist):
-        train_ds, test_ds = load_data(cfg, device)
-        provenance = verify_data(cfg.dataset, resolve_data_root(cfg.data_dir))
+    if data is not None:  # (train, test) datasets already in memory (`isoconv doctor`): nothing is read
+        train_ds, test_ds = (ds.to(device) for ds in data)
+        provenance = {"dataset": train_ds.name, "official": None, "reason": "in-memory data"}
+    else:
+        with ddp.main_process_first(dist):
+            train_ds, test_ds = load_data(cfg, device)
+            provenance = verify_data(cfg.dataset, resolve_data_root(cfg.data_dir))
     model = build_model(cfg, train_ds.num_classes, train_ds.image_size).to(device)
     if cfg.pretrained and not resuming:
         load_pretrained_into(model, cfg.pretrained)
@@ -119,8 +127,9 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
         model = ddp.convert_sync_batchnorm(model, device)
     optimizer, scaler = build_optimizer(cfg, model, device, precision)
     step_model = ddp.wrap_ddp(model, dist) if dist.enabled else model
-    step_model = compile_model(step_model, device) if cfg.compile else step_model
-    eval_model = (compile_model(model, device) if cfg.compile else model) if dist.enabled else step_model
+    step_model = compile_model(step_model, device, cfg.compile_mode) if cfg.compile else step_model
+    eval_model = ((compile_model(model, device, cfg.compile_mode) if cfg.compile else model) if dist.enabled
+                  else step_model)
     step = TrainStep(step_model, optimizer, scaler, build_mix(cfg, train_ds), gen, device=device,
                      precision=precision, channels_last=cfg.channels_last, clip_norm=cfg.clip_norm,
                      label_smoothing=cfg.label_smoothing, skip_nonfinite=cfg.skip_nonfinite, compiled=cfg.compile,
