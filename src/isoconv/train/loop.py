@@ -30,6 +30,7 @@ from .schedule import beta1_at, lr_at
 from .setup import Training, build_training
 from .signals import Stopper, interrupted
 from .tensorboard import open_tensorboard
+from .tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
         run.write_config(cfg.to_dict())
         run.write_metrics(history)
     tb = open_tensorboard(run.tensorboard, start_epoch=len(history), enabled=cfg.tensorboard and dist.is_main)
+    tracker = open_tracker(cfg, run, enabled=dist.is_main)  # --track mlflow
     log_start(t, run, info, start_state, history)
 
     result = None
@@ -325,6 +327,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
             if dist.is_main:
                 run.append_metrics(row)  # before the checkpoint: resume truncates extra rows
             tb.log_epoch(row)
+            tracker.log_epoch(row)
             save_run_checkpoint(t, run, epoch + 1, 0, None, train_seconds)
             info(format_row(row))
             if cfg.compile and epoch == start_epoch and t.step.compile_seconds is not None:
@@ -335,6 +338,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
                 raise interrupted(signum, run.path, epoch + 1, 0)
 
     tb.close()
+    tracker.close()
     if end_epoch < cfg.epochs:
         info(f"stopped after epoch {end_epoch}; continue with `isoconv train --resume {run}`")
         return None
