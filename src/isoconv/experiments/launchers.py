@@ -153,13 +153,13 @@ def slurm_executor(folder: Path, options: LaunchOptions, *, name: str, array_par
     """The submitit executor with this sweep's submission parameters (partition, time, GPUs, CPUs, extra
     #SBATCH options); with cluster "local" the same array runs as processes here."""
     submitit = engine("submitit", "submitit", "slurm")
-    if options.cluster == "slurm" and shutil.which("sbatch") is None:
-        raise UserError("--launcher slurm needs Slurm's sbatch on PATH; run the command on the cluster's login "
-                        "node, or use --launcher local or ray")
+    if options.cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise UserError("--launcher slurm needs Slurm's sbatch and srun on PATH; run the command on the cluster's "
+                        "login node, or use --launcher local or ray")
     gpus = options.gpus_per_run
     if gpus != int(gpus):
         raise UserError(f"--launcher slurm needs a whole number of --gpus-per-run, got {gpus:g}")
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=options.cluster)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=options.cluster)
     params: dict[str, Any] = dict(name=name, timeout_min=options.time_min, nodes=1, tasks_per_node=1,
                                   cpus_per_task=int(options.cpus_per_run), gpus_per_node=int(gpus),
                                   slurm_array_parallelism=array_parallelism)
