@@ -100,7 +100,8 @@ def test_ray_sweep_survives_a_killed_task_and_matches_local(local_sweep, data_ro
     ray = pytest.importorskip("ray")
     root, spec, local_out = local_sweep
     out = root / "ray"
-    attempts = hook(monkeypatch, root, out, "gelu/seed1", 3, "SIGKILL")  # step 3: mid epoch 2, after epoch 1's checkpoint
+    # step 3 of 4: in epoch 2, after epoch 1's checkpoint
+    attempts = hook(monkeypatch, root, out, "gelu/seed1", 3, "SIGKILL")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 2**20)
     try:
         run_ablation(str(spec), out=out, overrides={"data_dir": str(data_root)}, plots=False, launcher="ray",
