@@ -21,6 +21,7 @@ from .errors import Interrupted, UserError
 from .fileio import DISK_FULL
 from .eval.run import evaluate_target
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
+from .experiments.tracking import publish_tracked
 from .interop.export import MATCH_TOLERANCE, export_target
 from .interop.predict import format_csv, format_json, format_table, predict_files
 from .models import list_models, model_info
@@ -178,7 +179,7 @@ def cmd_train(args) -> int:
         recipe = default_recipe()
         print(f"no --recipe or --model given: training the default recipe {recipe!r} for this hardware "
               f"(`isoconv recipes` lists the others)")
-    train(build_config(recipe, **overrides))
+    publish_tracked(train(build_config(recipe, **overrides)))  # --track: summary, plots, run folder
     return 0
 
 
@@ -197,7 +198,7 @@ def resume_run(run: RunDir, args, overrides: dict) -> int:
             raise UserError(f"--resume {run}: the folder holds no checkpoint and no config.yaml; start a new run")
         logging.getLogger(__name__).info(f"{run} was stopped before its first checkpoint: starting it again "
                                          f"with its saved settings")
-        train(build_config(None, **{**stored, **given, "out": str(run)}))
+        publish_tracked(train(build_config(None, **{**stored, **given, "out": str(run)})))
         return 0
     finished = run.read_summary()
     if finished is not None:
@@ -206,7 +207,7 @@ def resume_run(run: RunDir, args, overrides: dict) -> int:
             f"nothing to resume. `isoconv eval {run}` evaluates it again; train a new run to change its settings")
         return 0
     state = load_latest_checkpoint(run.checkpoint)
-    train(build_config(None, **{**state["config"], **given}), resume=run.path, resume_state=state)
+    publish_tracked(train(build_config(None, **{**state["config"], **given}), resume=run.path, resume_state=state))
     return 0
 
 

@@ -32,6 +32,7 @@ MIX_MODES = ("batch", "elem")
 INTERPOLATIONS = ("nearest", "bilinear")
 ACTIVATION_CHOICES = ("gelu", "relu", "silu", "leaky_relu")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+TRACK_CHOICES = ("mlflow",)
 
 
 ROLES = ("model", "data", "optimisation", "augmentation", "engine", "runtime", "provenance")
@@ -183,6 +184,10 @@ class TrainConfig:
     skip_nonfinite: bool = setting(False, "skip (and count) steps whose loss is not finite instead of stopping",
                                    role="engine")
     tensorboard: bool = setting(False, "also log every scalar to RUN_DIR/tensorboard", role="runtime")
+    track: Optional[str] = setting(help="also track the run (settings, per-epoch metrics, summary, plots, run folder) "
+                                   "in MLflow", role="runtime", choices=TRACK_CHOICES)
+    tracking_uri: Optional[str] = setting(help="MLflow tracking server or store for --track (default: a local "
+                                          "mlruns/ folder)", role="runtime", metavar="URI")
     out: Optional[str] = setting(help="run directory (default runs/<timestamp>-<model>)", role="runtime")
     compile_mode: str = setting("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA "
                                 "graphs on a GPU) or max-autotune (longer compile, tuned kernels)", role="runtime",

@@ -8,6 +8,7 @@
     report.txt       the per-class classification report
     error.txt        why an ablation run failed (it is retried next time)
     tensorboard/     scalars, with --tensorboard
+    tracking.json    which MLflow run tracks this one, with --track mlflow (a resumed run continues it)
 
 Every file is written atomically (`isoconv.fileio`); metrics rows are appended and fsynced one by one.
 """
@@ -57,6 +58,7 @@ class RunDir:
     report = property(lambda self: self.path / "report.txt")
     error = property(lambda self: self.path / "error.txt")
     tensorboard = property(lambda self: self.path / "tensorboard")
+    tracking = property(lambda self: self.path / "tracking.json")
 
     lock_file = property(lambda self: self.path / ".lock")
 
@@ -117,6 +119,9 @@ class RunDir:
         except OSError:
             shutil.copyfile(self.checkpoint, target)
 
+    def write_tracking(self, record: dict[str, Any]) -> None:
+        atomic_write(self.tracking, json.dumps(record, indent=2))
+
     def write_error(self, message: str) -> None:
         atomic_write(self.error, message.rstrip("\n") + "\n")
 
@@ -157,6 +162,14 @@ class RunDir:
             return json.loads(self.summary.read_text())
         except (OSError, json.JSONDecodeError):
             return None
+
+    def read_tracking(self) -> Optional[dict[str, Any]]:
+        """tracking.json (the tracking URI and run id), or None."""
+        try:
+            data = json.loads(self.tracking.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def state(self) -> str:
         """done | failed | partial (resumable) | pending."""

@@ -34,14 +34,16 @@ from ..fileio import atomic_write
 from ..models import build_model, with_preset_shape
 from ..rundir import RunDir
 from ..train import train
+from .launchers import LAUNCHERS, LaunchOptions, run_with_ray, run_with_slurm
 from .report import write_sweep_report
 from .results import MANIFEST, load_manifest, write_results
 from .spec import AblationSpec, load_spec, run_config, variant_config, variant_dirname
+from .tracking import open_child, open_sweep, publish_run, publish_sweep
 
 log = logging.getLogger(__name__)
 
 # Settings `isoconv ablate` has a flag for (the rest are given as --set KEY=VALUE).
-ABLATE_FLAGS = ("data_dir", "download", "device", "amp", "test_split", "tensorboard")
+ABLATE_FLAGS = ("data_dir", "download", "device", "amp", "test_split", "tensorboard", "track", "tracking_uri")
 
 
 @dataclass
@@ -89,9 +91,9 @@ def manifest_for(spec: AblationSpec, sweep_dir: Path, runs: list[PlannedRun], se
 
 
 def format_command(spec_arg: str, *, seeds: int, parallel: int, out: Path, overrides: dict,
-                   only: Optional[list[str]] = None) -> str:
-    """The `isoconv ablate` command line that reproduces a sweep."""
-    parts = ["isoconv", "ablate", str(spec_arg), "--seeds", str(seeds)]
+                   only: Optional[list[str]] = None, launch_args: tuple[str, ...] = ()) -> str:
+    """The `isoconv ablate` command line that reproduces a sweep (launch_args: --launcher and its options)."""
+    parts = ["isoconv", "ablate", str(spec_arg), "--seeds", str(seeds), *launch_args]
     if parallel != 1:
         parts += ["--parallel", str(parallel)]
     if only:
@@ -219,12 +221,14 @@ def execute(todo: list[PlannedRun], *, parallel: int, stop_after, on_finish) -> 
 def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] = None, parallel: int = 1,
                  overrides: Optional[dict] = None, command: Optional[str] = None,
                  stop_after: Optional[int] = None, plots: bool = True, dry_run: bool = False,
-                 only: Optional[list[str]] = None) -> Path:
+                 only: Optional[list[str]] = None, launcher: str = "local",
+                 launch: Optional[LaunchOptions] = None) -> Path:
     """Run (or continue) a sweep and write its results; returns the sweep directory.
 
     spec: a shipped spec name, a YAML path or an AblationSpec. overrides: TrainConfig settings applied to every
     run after the spec's. only: train just these variants now (the results still list every variant).
     stop_after: stop every run after that epoch (resumable; for staged runs and tests).
+    launcher: local (this machine, --parallel processes), ray or slurm (`launchers`), with `launch`'s resources.
     """
     spec_arg = str(spec.path) if isinstance(spec, AblationSpec) else str(spec)
     spec = spec if isinstance(spec, AblationSpec) else load_spec(spec)
@@ -233,6 +237,10 @@ def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] 
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
+    if launcher not in LAUNCHERS:
+        raise UserError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+    launch = launch or LaunchOptions()
+    launch.check()
     overrides = dict(overrides or {})
     sweep_dir = Path(out) if out else default_sweep_dir(spec)
     runs = plan_runs(spec, sweep_dir, seeds, overrides)
@@ -263,15 +271,34 @@ def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] 
         atomic_write(sweep_dir / "spec.yaml", spec.text)
     atomic_write(sweep_dir / MANIFEST, json.dumps(manifest, indent=2))
 
+    track = overrides.get("track") == "mlflow"
+    if track:  # one parent MLflow run, a child per variant x seed made before it trains (wherever that is)
+        uri, parent = open_sweep(sweep_dir, spec.name, {"spec": spec.name, "seeds": seeds, "command": command},
+                                 overrides.get("tracking_uri"))
+        todo = [dataclasses.replace(r, config=dataclasses.replace(r.config, tracking_uri=uri)) for r in todo]
+        for r in todo:
+            open_child(r.run_dir, f"{r.variant}/seed{r.config.seed}", r.config.to_dict(), uri, parent)
+
     def on_finish(r: PlannedRun, state: str, message: str) -> None:
         log.info(f"[{r.label}] {state}: {message}")
         write_results(sweep_dir, manifest)
+        if track and state == "done":
+            publish_run(r.run_dir)
 
     started = time.perf_counter()
-    outcomes = execute(todo, parallel=parallel, stop_after=stop_after, on_finish=on_finish)
+    if launcher == "ray" and todo:
+        outcomes = run_with_ray(todo, run_in_subprocess, stop_after=stop_after, on_finish=on_finish, options=launch)
+    elif launcher == "slurm" and todo:
+        outcomes = run_with_slurm(todo, run_in_subprocess, stop_after=stop_after, on_finish=on_finish,
+                                  options=launch, folder=sweep_dir / "slurm", name=f"isoconv-{spec.name}",
+                                  parallel=parallel)
+    else:
+        outcomes = execute(todo, parallel=parallel, stop_after=stop_after, on_finish=on_finish)
     write_results(sweep_dir, manifest)
     if plots:
         write_sweep_report(sweep_dir, manifest)
+    if track:
+        publish_sweep(sweep_dir, failed=sum(s == "failed" for _, s, _ in outcomes))
     log.info(f"sweep {sweep_dir}: {len(outcomes)} run(s) in {(time.perf_counter() - started) / 60:.1f} min; "
         f"results in {sweep_dir / 'results.md'}")
     failed = [(r, m) for r, s, m in outcomes if s == "failed"]

@@ -10,6 +10,7 @@ import yaml
 from ..config import CONFIG_KEYS, add_setting_flags, settings_from_args, suggest
 from ..errors import ConfigError, Interrupted, UserError
 from .ablate import ABLATE_FLAGS, default_sweep_dir, format_command, run_ablation
+from .launchers import DEFAULT_TIME_MIN, LAUNCHERS, LaunchOptions, parse_time
 from .report import write_report
 from .spec import load_spec
 
@@ -29,6 +30,21 @@ def add_experiment_parsers(sub) -> None:
     p.add_argument("--variants", metavar="NAME[,NAME]", help="train only these variants now (comma-separated; "
                    "the results still list all)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
+    g = p.add_argument_group("launcher (where the runs train)")
+    g.add_argument("--launcher", choices=LAUNCHERS, default="local", help="local: this machine (--parallel); "
+                   "ray: one Ray task per run; slurm: one Slurm job array (submitit) (default local)")
+    g.add_argument("--gpus-per-run", type=float, metavar="N", help="ray/slurm: GPUs per run (default 0)")
+    g.add_argument("--cpus-per-run", type=int, metavar="N", help="ray/slurm: CPUs per run, also its torch "
+                   "threads (default 1)")
+    g.add_argument("--retries", type=int, metavar="N", help="ray: retries of a run whose process or node died "
+                   "or that was stopped by SIGTERM; it resumes from its checkpoint (default 3)")
+    g.add_argument("--ray-address", metavar="ADDR", help="ray: the cluster to use (e.g. auto, or "
+                   "ray://HEAD:10001; default: start a local Ray instance)")
+    g.add_argument("--partition", help="slurm: partition")
+    g.add_argument("--time", metavar="MIN|[D-]HH:MM:SS", help=f"slurm: wall time per run (default "
+                   f"{DEFAULT_TIME_MIN // 60} h); a run still going is requeued and resumes from its checkpoint")
+    g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="slurm: any other #SBATCH option, e.g. account=proj, qos=high, mem=16G; repeatable")
 
     p = sub.add_parser("report", help="(re)generate plots and report.md for a run or sweep directory")
     p.add_argument("target", metavar="RUN_OR_SWEEP_DIR")
@@ -59,16 +75,53 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else spec.seeds
     out = Path(args.out) if args.out else default_sweep_dir(spec)
     only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    launch, launch_args = launch_options(args)
     command = format_command(args.spec, seeds=seeds, parallel=args.parallel, out=out, overrides=overrides,
-                             only=only)
+                             only=only, launch_args=launch_args)
     try:
         run_ablation(spec, out=out, seeds=seeds, parallel=args.parallel, overrides=overrides, command=command,
-                     dry_run=args.dry_run, only=only)
+                     dry_run=args.dry_run, only=only, launcher=args.launcher, launch=launch)
     except KeyboardInterrupt:
         return interrupted(command, 130)
     except Interrupted as e:
         return interrupted(command, e.exit_code)
     return 0
+
+
+LAUNCH_FLAGS = {"gpus_per_run": ("ray", "slurm"), "cpus_per_run": ("ray", "slurm"), "retries": ("ray",),
+                "ray_address": ("ray",), "partition": ("slurm",), "time": ("slurm",), "slurm_param": ("slurm",)}
+
+
+def launch_options(args: argparse.Namespace) -> tuple[LaunchOptions, tuple[str, ...]]:
+    """The launcher's options from the flags, and the tokens that repeat them in the sweep's command line."""
+    tokens: list[str] = [] if args.launcher == "local" else ["--launcher", args.launcher]
+    for name, launchers in LAUNCH_FLAGS.items():
+        value = getattr(args, name)
+        if value is None or value == []:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if args.launcher not in launchers:
+            raise UserError(f"{flag} is for --launcher {' or '.join(launchers)}, not {args.launcher}")
+        for item in value if isinstance(value, list) else [value]:
+            tokens += [flag, f"{item:g}" if isinstance(item, float) else str(item)]
+    options = LaunchOptions(ray_address=args.ray_address, partition=args.partition,
+                            slurm_params=parse_pairs(args.slurm_param, "--slurm-param"))
+    for name in ("gpus_per_run", "cpus_per_run", "retries"):
+        if getattr(args, name) is not None:
+            setattr(options, name, getattr(args, name))
+    if args.time is not None:
+        options.time_min = parse_time(args.time)
+    return options, tuple(tokens)
+
+
+def parse_pairs(items: list[str], flag: str) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def interrupted(command: str, code: int) -> int:

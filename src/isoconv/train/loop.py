@@ -32,6 +32,7 @@ from .schedule import beta1_at, lr_at
 from .setup import Training, build_training
 from .signals import Stopper, interrupted
 from .tensorboard import open_tensorboard
+from .tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
         run.write_config(cfg.to_dict())
         run.write_metrics(history)
     tb = open_tensorboard(run.tensorboard, start_epoch=len(history), enabled=cfg.tensorboard and dist.is_main)
+    tracker = open_tracker(cfg, run, enabled=dist.is_main)  # --track mlflow
     log_start(t, run, info, start_state, history)
 
     result, last_save = None, time.monotonic()
@@ -342,6 +344,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
             if dist.is_main:
                 run.append_metrics(row)  # before the checkpoint: resume truncates extra rows
             tb.log_epoch(row)
+            tracker.log_epoch(row)
             save_run_checkpoint(t, run, epoch + 1, 0, None, train_seconds)
             last_save = time.monotonic()
             if dist.is_main and cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:
@@ -358,6 +361,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
                 break
 
     tb.close()
+    tracker.close()
     if budget_stop:
         info(f"--time-budget {cfg.time_budget:g} s: stopped after epoch {budget_stop} of {cfg.epochs} (another epoch "
              f"would pass the budget); continue with `isoconv train --resume {run}`")
