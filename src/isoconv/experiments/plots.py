@@ -87,25 +87,23 @@ def published_bars(groups: Sequence[dict[str, Any]], stem: Path, title: str) -> 
     color_of = dict(zip(kinds, colors(len(kinds))))
     fig = figure(max(6.4, 1.0 + 0.45 * len(kinds) * len(groups)), 4.8)
     ax = fig.add_subplot()
-    width = 0.8 / max(1, len(kinds))
+    width = 0.8 / max([1] + [len(g["bars"]) for g in groups])
     labelled: set[str] = set()
     for i, group in enumerate(groups):
-        for bar in group["bars"]:
+        n = len(group["bars"])
+        for j, bar in enumerate(group["bars"]):  # a variant's bars side by side, centred on its tick
             if bar.get("value") is None:
                 continue
-            x = i - 0.4 + width * (kinds.index(bar["kind"]) + 0.5)
-            std = bar.get("std")
-            ax.bar(x, 100 * bar["value"], width, color=color_of[bar["kind"]],
-                   yerr=None if std is None else 100 * std, capsize=3,
+            x, top, std = i + (j - (n - 1) / 2) * width, 100 * bar["value"], bar.get("std")
+            ax.bar(x, top, width, color=color_of[bar["kind"]], yerr=None if std is None else 100 * std, capsize=3,
                    label=None if bar["kind"] in labelled else bar["kind"])
             labelled.add(bar["kind"])
-            ax.annotate(bar.get("label", ""), (x, 100 * bar["value"]), textcoords="offset points", xytext=(0, 3),
-                        ha="center", fontsize=7, rotation=90 if len(kinds) * len(groups) > 12 else 0,
-                        in_layout=False)
+            ax.annotate(bar.get("label", ""), (x, top + 100 * (std or 0)), textcoords="offset points", xytext=(0, 3),
+                        ha="center", va="bottom", fontsize=7, rotation=90, in_layout=False)
     ax.set_xticks(range(len(groups)), [g["name"] for g in groups], rotation=30 if len(groups) > 3 else 0,
                   ha="right" if len(groups) > 3 else "center", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 110)
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     if labelled:

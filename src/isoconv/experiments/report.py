@@ -13,7 +13,8 @@ from ..fileio import atomic_write
 from ..rundir import RunDir
 from . import plots
 from .published import FIGURE_KEYS, OUR_METRIC, figures_text, params_note
-from .results import (MANIFEST, VariantResult, human_seconds, load_manifest, mean_std, pct, results_markdown,
+from .results import (MANIFEST, VariantResult, human_seconds, load_manifest, mean_std, pct, pct_pm,
+                      results_markdown,
                       test_split_facts, write_results)
 
 PLOTS = "plots"
@@ -139,7 +140,7 @@ def published_groups(variants: list[VariantResult]) -> list[dict]:
             mean, std = mean_std(v.values(metric))
             label = metric.replace("test_", "").replace("top", "top-")
             bars.append({"kind": f"ours {label}", "value": mean, "std": std,
-                         "label": "" if mean is None else f"{100 * mean:.2f}"})
+                         "label": pct_pm(mean, std) if mean is not None else ""})
         for key, label in FIGURE_KEYS:
             if key in v.published:
                 fig = v.published[key]
