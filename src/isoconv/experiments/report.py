@@ -14,8 +14,7 @@ from ..rundir import RunDir
 from . import plots
 from .published import FIGURE_KEYS, OUR_METRIC, figures_text, params_note
 from .results import (MANIFEST, VariantResult, human_seconds, load_manifest, mean_std, pct, pct_pm,
-                      results_markdown,
-                      test_split_facts, write_results)
+                      results_markdown, test_split_facts, write_results)
 
 PLOTS = "plots"
 
