@@ -30,6 +30,15 @@ def test_recipes_lists_the_xl_table(capsys):
     out = capsys.readouterr().out
     for name in ["cm-vanilla-noaug", "cm-xl-noskip", "cm-xl ", "convmixer-cifar10-25ep", "cpu-quick"]:
         assert name in out
+    # every published run of the four seeds (and the reference trainer) with its figure as published
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    for name, figure in [("cm-vanilla-noaug", "top-1 88.54%"), ("cm-xl-noskip", "top-1 48.68%"),
+                         ("cm-xl", "top-1 94.52%"), ("convnext-cifar", "top-1 92%"), ("convnext-tin", "top-1 64%"),
+                         ("convmixer-keras-cifar100", "top-5 64.41%"),
+                         ("tf-rep-fixed-adam", "top-1 ~88.5%; paper top-1 91.26%"),
+                         ("convmixer-cifar10-25ep", "top-1 ~92.5%"), ("convmixer-cifar10-100ep", "top-1 >94%"),
+                         ("tf-rep-stlr", "— (no number published)"), ("cpu-quick", " — ")]:
+        assert figure in lines[name], lines[name]
 
 
 @pytest.mark.parametrize("args,fragment", [

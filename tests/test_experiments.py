@@ -109,6 +109,34 @@ def test_shipped_specs_parse_and_expand():
     assert len(cn.variants) == 9 and {variant_config(v).model for v in cn.variants} == {"convnext-cifar"}
 
 
+@pytest.mark.parametrize("raw, value, marker, percent, fraction", [
+    (0.9452, 0.9452, "", "94.52", "0.9452"), ("~0.885", 0.885, "~", "~88.5", "~0.885"),
+    (">0.94", 0.94, ">", ">94", ">0.94"), ("~92.5%", 0.925, "~", "~92.5", "~0.925"), (0.64, 0.64, "", "64", "0.64"),
+    ("≈ 0.5", 0.5, "≈", "≈50", "≈0.5"),
+])
+def test_published_figures_keep_their_marker_and_digits(raw, value, marker, percent, fraction):
+    from isoconv.experiments.published import parse_figure
+
+    fig = parse_figure(raw)
+    assert (fig.value, fig.marker, fig.percent(), fig.fraction()) == (value, marker, percent, fraction)
+
+
+def test_bad_published_figures_and_every_shipped_recipe_figure():
+    from isoconv.config import list_recipes, load_recipe
+    from isoconv.experiments.published import figures_text, parse_figure, published_figures
+
+    for bad in ("about 0.9", "0.9x", "1.5", "?", True, [0.9]):
+        with pytest.raises(ConfigError, match=r"published\.test_top1 must be a fraction"):
+            published_figures({"test_top1": bad})
+    with pytest.raises(ConfigError, match="must be a fraction"):
+        parse_figure("")
+    texts = {name: figures_text(load_recipe(name).get("published")) for name in list_recipes()}
+    assert texts["tf-rep-fixed-adam"] == "top-1 ~88.5%; paper top-1 91.26%"
+    assert texts["convmixer-cifar10-25ep"] == "top-1 ~92.5%" and texts["convmixer-cifar10-100ep"] == "top-1 >94%"
+    assert texts["convnext-tin"] == "top-1 64%" and texts["convmixer-keras-cifar100"] == "top-5 64.41%"
+    assert texts["cm-xl"] == "top-1 94.52%"
+
+
 def test_command_reconstruction_round_trips_through_set():
     cmd = format_command("my spec.yaml", seeds=3, parallel=2, out=Path("out"),
                          overrides={"data_dir": "../d", "tensorboard": True, "epochs": 2, "activation": "silu",
@@ -132,7 +160,8 @@ def sweep(data_root, tmp_path_factory):
     spec = write_spec(root / "tiny.yaml", {
         "description": "tiny test sweep", "seeds": 2, "settings": TINY,
         "variants": [{"name": "relu", "activation": "relu"},
-                     {"name": "gelu", "activation": "gelu", "published": {"test_top1": 0.5, "source": "a test"}}]})
+                     {"name": "gelu", "activation": "gelu",
+                      "published": {"test_top1": "~0.5", "paper_top1": 0.605, "params": "3k", "source": "a test"}}]})
     out = root / "out"
     overrides = {"data_dir": str(data_root), "tensorboard": True}
     with captured_logs() as logs:
@@ -170,7 +199,9 @@ def test_results_rows_hold_mean_and_std_over_seeds(sweep):
     assert float(rows[0]["relative_train_time"]) == 1.0
     assert float(rows[1]["relative_train_time"]) == pytest.approx(
         float(rows[1]["train_seconds"]) / float(rows[0]["train_seconds"]))
-    assert rows[0]["published_top1"] == "" and float(rows[1]["published_top1"]) == 0.5
+    assert rows[0]["published_top1"] == "" and rows[1]["published_top1"] == "~0.5"  # as published, marker kept
+    assert float(rows[1]["published_top1_value"]) == 0.5 and float(rows[1]["paper_top1_value"]) == 0.605
+    assert rows[1]["paper_top1"] == "0.605" and rows[1]["published_top5"] == "" and rows[1]["published_params"] == "3k"
     md = (out / "results.md").read_text()
     assert f"isoconv ablate {sweep['spec']} --seeds 2 --out {out} --data-dir" in md
     assert "torch" in md and "- **test split**: the first 48 images of the full test split" in md
@@ -181,7 +212,10 @@ def test_results_rows_hold_mean_and_std_over_seeds(sweep):
                                "not compare with published figures"))
     assert rows[1]["published_comparable"].startswith("no: ") and rows[0]["published_comparable"] == ""
     mean, std = float(rows[1]["test_top1_mean"]), float(rows[1]["test_top1_std"])
-    assert f"| gelu | gelu | {int(rows[1]['params']):,} |" in md and "| 50.00 |" in md
+    assert f"| gelu | gelu | {int(rows[1]['params']):,} (the seed says 3k) |" in md
+    assert "| published top-1 % | paper top-1 % (quoted) | comparable? |" in md and "| ~50 | 60.5 | no: " in md
+    assert f"| relu | relu | {int(rows[0]['params']):,} |" in md and "| — | — | — |" in md
+    assert "own figures (`~`: as the source gives it" in md
     assert f"{100 * mean:.2f} ± {100 * std:.2f}" in md
 
 
@@ -225,8 +259,8 @@ def test_report_regenerates_plots_and_links_them(sweep, capsys):
     for p in (out / "plots").glob("*"):
         p.unlink()
     assert main(["report", str(out)]) == 0
-    expected = ["accuracy_vs_params", "accuracy_vs_relative_time", "lr_schedule", "curves", "relu-confusion",
-                "relu-per_class_f1", "gelu-confusion", "gelu-per_class_f1"]
+    expected = ["accuracy_vs_params", "accuracy_vs_relative_time", "ours_vs_published", "lr_schedule", "curves",
+                "relu-confusion", "relu-per_class_f1", "gelu-confusion", "gelu-per_class_f1"]
     for stem in expected:
         assert (out / "plots" / f"{stem}.png").read_bytes()[:8] == PNG_MAGIC
         assert svg_ok(out / "plots" / f"{stem}.svg")
@@ -234,7 +268,9 @@ def test_report_regenerates_plots_and_links_them(sweep, capsys):
     links = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert sorted(links) == sorted(f"plots/{s}.png" for s in expected)
     assert f"regenerated from the run folders by `isoconv report {out}`" in report
-    assert "| relu | relu |" in report
+    assert "| relu | relu |" in report and "## Ours vs published" in report
+    svg = (out / "plots" / "ours_vs_published.svg").read_text()
+    assert "~50" in svg and "60.5" in svg and "ours top-1" in svg  # the figure as published, beside ours
 
     run = out / "relu" / "seed0"
     assert main(["report", str(run)]) == 0

@@ -14,6 +14,7 @@ from isoconv.config import build_config
 from isoconv.data import provenance
 from isoconv.data.provenance import NOT_RECORDED, comparable, data_statement, verify_data
 from isoconv.data.provenance import test_set_description as describe  # a test_* name would be collected
+from isoconv.experiments.published import published_figures
 from isoconv.experiments.report import write_run_report
 from isoconv.experiments.results import RunResult, VariantResult, comparable_cell, setup_lines, table_markdown
 
@@ -220,7 +221,7 @@ def variant(tmp_path: Path, name: str, verdict, split: str, recipe: str = "cm-xl
     summary = json.loads((run_dir / "summary.json").read_text())
     v = VariantResult(name=name, dir=name, config=config, settings={},
                       runs=[RunResult(0, 0, run_dir, "done", summary)])
-    v.published_top1 = config["published"]["test_top1"]
+    v.published = published_figures(config["published"])
     return v
 
 

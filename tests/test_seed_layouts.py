@@ -212,3 +212,78 @@ def test_simple_convnext_checkpoint_loads_strict_with_same_outputs(preset, patch
 def test_simple_convnext_rejects_other_layouts():
     with pytest.raises(ValueError, match="not a simple-convnext"):
         simple_convnext_to_isoconv({"model_state": {"stem.0.weight": torch.zeros(1)}})
+
+
+# ----------------------------------------------------------------------------- the seeds' saved files: --pretrained, isoconv.load
+
+def save_xl_study_file(theirs: nn.Module, path) -> None:
+    """As the study's train.py saves `{name}.pkl`: the DataParallel state dict plus the optimizer's."""
+    torch.save({"model_state_dict": Wrapper(theirs).state_dict(),
+                "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 0.005, "params": [0]}]}}, path)
+
+
+@pytest.mark.parametrize("name, preset, depth, act", [("CM-XL", "cm-xl", 6, nn.SiLU()),
+                                                      ("CM-XL-Skip", "cm-xl-skip", 66, nn.GELU())])
+def test_pretrained_reads_the_xl_study_grouped_files_with_identical_outputs(tmp_path, name, preset, depth, act):
+    from isoconv.weights.pretrained import XL_GROUPED, load_pretrained_into
+
+    theirs = randomise(study_convmixer_xl(8, depth, 5, 2, 10, 3, act), seed=depth + 1)
+    path = tmp_path / f"{name}.pkl"
+    save_xl_study_file(theirs, path)
+    ours = isoconv.create_model(preset, dim=8, depth=depth, num_classes=10)  # the preset's skip_period 3
+    report = load_pretrained_into(ours, path)
+    assert report.layout == XL_GROUPED and report.notes == [] and report.reinitialised == []
+    assert len(report.converted) == len(ours.state_dict())
+    assert dict(report.converted)["3.0.fn.1.0.fn.0.weight"] == "blocks.1.0.fn.0.weight"
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), theirs(x))
+    # the same file into a model without group skips loads (the tensors fit) but says it is another network
+    plain = isoconv.create_model(preset, dim=8, depth=depth, skip_period=0, num_classes=10)
+    assert load_pretrained_into(plain, path).notes == [
+        "the weights come from a ConvMixer with 3 inter-block skip groups (skip_period 3), this model uses "
+        "skip_period 0: pass --skip-period 3 for the network the weights were trained as"]
+
+
+def test_pretrained_reads_the_xl_study_flat_file(tmp_path):
+    from isoconv.weights.pretrained import load_pretrained_into
+
+    theirs = randomise(study_convmixer(8, 4, 5, 2, 10, nn.GELU()), seed=11)
+    save_xl_study_file(theirs, tmp_path / "CM-Vanilla.pkl")
+    ours = isoconv.create_model("cm-vanilla", dim=8, depth=4, num_classes=10)
+    assert load_pretrained_into(ours, tmp_path / "CM-Vanilla.pkl").notes == []
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), theirs(x))
+
+
+@pytest.mark.parametrize("preset, patch, depths, classes", [("convnext-cifar", 1, [2, 2, 2, 2], 10),
+                                                             ("convnext-tin", 2, [1, 1, 3, 1], 200)])
+def test_pretrained_reads_simple_convnexts_saved_file(tmp_path, preset, patch, depths, classes):
+    from isoconv.weights.pretrained import load_pretrained_into
+
+    theirs = randomise(SeedConvNext(classes, patch, [8, 16, 24, 32], depths), seed=patch + 20)
+    path = tmp_path / "model.pt"
+    torch.save({"model_state": theirs.state_dict(), "optimizer_state": {"state": {}, "param_groups": []}}, path)
+    ours = isoconv.create_model(preset, patch_size=patch, depths=depths, dims=[8, 16, 24, 32], num_classes=classes,
+                                drop_path_rate=0.0)
+    report = load_pretrained_into(ours, path)
+    assert report.layout == "simple-convnext layout" and report.reinitialised == []
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        a, b = ours.eval()(x), theirs(x)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5) and a.abs().max() > 1e-3
+
+
+def test_isoconv_load_refuses_bare_seed_weights_and_points_at_pretrained(tmp_path):
+    from isoconv.errors import UserError
+
+    save_xl_study_file(randomise(study_convmixer_xl(8, 6, 5, 2, 10, 3, nn.SiLU()), seed=1), tmp_path / "CM-XL.pkl")
+    torch.save({"model_state": SeedConvNext(10, 1, [8, 16], [1, 1]).state_dict()}, tmp_path / "convnext.pt")
+    for path, layout in [(tmp_path / "CM-XL.pkl", "ConvMixer-XL study's grouped (CM-XL) layout"),
+                         (tmp_path / "convnext.pt", "simple-convnext layout")]:
+        with pytest.raises(UserError) as e:
+            isoconv.load(path)
+        message = str(e.value)
+        assert f"holds bare weights ({layout}) without isoconv metadata" in message
+        assert "load_pretrained_into(isoconv.create_model(NAME" in message and f"--pretrained {path}" in message

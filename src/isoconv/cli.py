@@ -18,10 +18,11 @@ from .bench import run_bench, time_to_accuracy
 from .doctor import run_doctor
 from .config import add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
 from .errors import Interrupted, UserError
-from .fileio import DISK_FULL
 from .eval.run import evaluate_target
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
+from .experiments.published import figures_text
 from .experiments.tracking import publish_tracked
+from .fileio import DISK_FULL
 from .interop.export import MATCH_TOLERANCE, export_target
 from .interop.predict import format_csv, format_json, format_table, predict_files
 from .models import list_models, model_info
@@ -159,10 +160,14 @@ def cmd_models(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    print(f"{'name':<28} {'model':<24} {'epochs':>6}  description")
+    """One line per shipped recipe; `published` is the seed's own figure as it gives it (`~`: about, `>`: more than;
+    `paper`: the original paper's figure the seed compared itself with), not ours."""
+    print(f"{'name':<28} {'model':<24} {'epochs':>6}  {'published':<34} description")
     for name in list_recipes():
         r = load_recipe(name)
-        print(f"{name:<28} {r.get('model', 'cm-vanilla'):<24} {r.get('epochs', 25):>6}  {r.get('description', '')}")
+        published = figures_text(r.get("published")) or ("— (no number published)" if r.get("published") else "—")
+        print(f"{name:<28} {r.get('model', 'cm-vanilla'):<24} {r.get('epochs', 25):>6}  {published:<34} "
+              f"{' '.join(str(r.get('description', '')).split())}")
     return 0
 
 

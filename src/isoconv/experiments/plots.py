@@ -78,6 +78,41 @@ def accuracy_scatter(points: Sequence[dict[str, Any]], x_key: str, x_label: str,
     return save(fig, stem)
 
 
+def published_bars(groups: Sequence[dict[str, Any]], stem: Path, title: str) -> list[Path]:
+    """Ours vs published (the TF replication's Fig. 5): per variant, a bar of our mean (error bar = std over seeds)
+    beside the published figure(s) it compares with. `groups`: [{"name", "bars": [{"kind", "value" (a fraction),
+    "std", "label" (printed on the bar, e.g. "~88.5")}]}]; a kind ("ours top-1", "published top-1", ...) keeps one
+    colour across variants, and a missing value (a variant not run yet) leaves its slot empty."""
+    kinds = list(dict.fromkeys(b["kind"] for g in groups for b in g["bars"]))
+    color_of = dict(zip(kinds, colors(len(kinds))))
+    fig = figure(max(6.4, 1.0 + 0.45 * len(kinds) * len(groups)), 4.8)
+    ax = fig.add_subplot()
+    width = 0.8 / max([1] + [len(g["bars"]) for g in groups])
+    labelled: set[str] = set()
+    for i, group in enumerate(groups):
+        n = len(group["bars"])
+        for j, bar in enumerate(group["bars"]):  # a variant's bars side by side, centred on its tick
+            if bar.get("value") is None:
+                continue
+            x, top, std = i + (j - (n - 1) / 2) * width, 100 * bar["value"], bar.get("std")
+            ax.bar(x, top, width, color=color_of[bar["kind"]], yerr=None if std is None else 100 * std, capsize=3,
+                   label=None if bar["kind"] in labelled else bar["kind"])
+            labelled.add(bar["kind"])
+            ax.annotate(bar.get("label", ""), (x, top + 100 * (std or 0)), textcoords="offset points", xytext=(0, 3),
+                        ha="center", va="bottom", fontsize=7, rotation=90, in_layout=False)
+    ax.set_xticks(range(len(groups)), [g["name"] for g in groups], rotation=30 if len(groups) > 3 else 0,
+                  ha="right" if len(groups) > 3 else "center", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    if labelled:
+        ax.legend(fontsize=7, loc="lower right")
+    if not any(b.get("value") is not None for g in groups for b in g["bars"]):
+        ax.text(0.5, 0.5, "no figures yet", ha="center", va="center", transform=ax.transAxes)
+    return save(fig, stem)
+
+
 def schedule_signature(config: dict) -> tuple:
     return (config.get("schedule", "onecycle"), float(config.get("lr_max", 0.01)), int(config.get("epochs", 1)),
             float(config.get("warmup_epochs") or 0.0))

@@ -12,8 +12,9 @@ from ..errors import UserError
 from ..fileio import atomic_write
 from ..rundir import RunDir
 from . import plots
-from .results import (MANIFEST, VariantResult, human_seconds, load_manifest, mean_std, pct, results_markdown,
-                      test_split_facts, write_results)
+from .published import FIGURE_KEYS, OUR_METRIC, figures_text, params_note
+from .results import (MANIFEST, VariantResult, human_seconds, load_manifest, mean_std, pct, pct_pm,
+                      results_markdown, test_split_facts, write_results)
 
 PLOTS = "plots"
 
@@ -73,11 +74,15 @@ def write_run_report(run_dir: Path) -> Path:
         lines += ["| test top-1 | test top-5 | macro F1 | params | train time | device | torch | test images |",
                   "|---:|---:|---:|---:|---:|---|---|---:|",
                   f"| {pct(summary['test_top1'])}% | {pct(summary['test_top5'])}% | "
-                  f"{summary.get('macro_f1', float('nan')):.4f} | {summary.get('params', 0):,} | "
+                  f"{summary.get('macro_f1', float('nan')):.4f} | {run_params(summary, config, in_sweep)} | "
                   f"{human_seconds(summary.get('train_seconds'))} | {summary.get('device')} ({summary.get('amp')}) | "
                   f"{summary.get('torch')} | {summary.get('test_images', 0):,} |", "",
                   f"Test images: {test_set_description(*test_split_facts(summary, config))}.", "",
                   f"Data: {data_statement(summary.get('data_provenance'))}.", ""]
+        published = "" if in_sweep else figures_text(config.get("published"))
+        if published:
+            lines += [f"Published for this recipe (the seed's own figure, not ours): {published}"
+                      f" — {config['published'].get('source', 'no source given')}.", ""]
     else:
         lines += [f"Not finished: {len(rows)} of {config.get('epochs', '?')} epochs logged.", ""]
     lines += metrics_table(rows) + ["", "## Training curves", "", image(figs["curves"], run_dir, "training curves"),
@@ -88,6 +93,12 @@ def write_run_report(run_dir: Path) -> Path:
     path = run_dir / "report.md"
     atomic_write(path, "\n".join(lines) + "\n")
     return path
+
+
+def run_params(summary: dict, config: dict, in_sweep: bool) -> str:
+    """The run's exact parameter count, with the seed's stated count beside it (a recipe's `published.params`)."""
+    note = "" if in_sweep else params_note(config.get("published"))
+    return f"{summary.get('params', 0):,}" + (f" {note}" if note else "")
 
 
 def metrics_table(rows: list[dict]) -> list[str]:
@@ -117,6 +128,27 @@ def scatter_points(variants: list[VariantResult]) -> list[dict]:
     return points
 
 
+def published_groups(variants: list[VariantResult]) -> list[dict]:
+    """Per variant with a published figure: our mean ± std of each metric a figure compares with, then the figures."""
+    groups = []
+    for v in variants:
+        if not v.published:
+            continue
+        bars = []
+        for metric in dict.fromkeys(OUR_METRIC[k] for k in v.published):
+            mean, std = mean_std(v.values(metric))
+            label = metric.replace("test_", "").replace("top", "top-")
+            bars.append({"kind": f"ours {label}", "value": mean, "std": std,
+                         "label": pct_pm(mean, std) if mean is not None else ""})
+        for key, label in FIGURE_KEYS:
+            if key in v.published:
+                fig = v.published[key]
+                kind = f"{label} (quoted)" if key.startswith("paper") else f"published {label}"
+                bars.append({"kind": kind, "value": fig.value, "std": None, "label": fig.percent()})
+        groups.append({"name": v.name, "bars": bars})
+    return groups
+
+
 def write_sweep_report(sweep_dir: Path, manifest: Optional[dict] = None, regenerated_by: Optional[str] = None) -> Path:
     sweep_dir = Path(sweep_dir)
     manifest = dict(manifest or load_manifest(sweep_dir))
@@ -136,12 +168,22 @@ def write_sweep_report(sweep_dir: Path, manifest: Optional[dict] = None, regener
                                          if r.state != "pending"], out / "curves",
                                         f"{manifest['spec']}: training curves (all runs)")[0],
     }
+    groups = published_groups(variants)
+    if groups:
+        figs["published"] = plots.published_bars(groups, out / "ours_vs_published",
+                                                 f"{manifest['spec']}: ours vs published")[0]
     lines = [results_markdown(manifest, variants).rstrip(), "",
              "## Accuracy vs parameters", "", image(figs["params"], sweep_dir, "accuracy vs parameters"), "",
-             "## Accuracy vs relative training time", "", image(figs["time"], sweep_dir, "accuracy vs time"), "",
-             "## Learning-rate schedule", "", image(figs["lr"], sweep_dir, "learning-rate schedule"), "",
-             "## Training curves", "", "One colour per variant; every seed is drawn.", "",
-             image(figs["curves"], sweep_dir, "training curves"), ""]
+             "## Accuracy vs relative training time", "", image(figs["time"], sweep_dir, "accuracy vs time"), ""]
+    if groups:
+        lines += ["## Ours vs published", "",
+                  "Per variant with a published figure: our mean test accuracy (error bar: standard deviation over "
+                  "seeds) beside the seed's figure, printed as published (`~` about, `>` more than). The seed's "
+                  "figures were measured on its own data and test split; see the comparable? column above.", "",
+                  image(figs["published"], sweep_dir, "ours vs published"), ""]
+    lines += ["## Learning-rate schedule", "", image(figs["lr"], sweep_dir, "learning-rate schedule"), "",
+              "## Training curves", "", "One colour per variant; every seed is drawn.", "",
+              image(figs["curves"], sweep_dir, "training curves"), ""]
     for v in variants:
         if not v.done:
             continue

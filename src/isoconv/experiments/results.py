@@ -25,6 +25,7 @@ from ..models import count_params, create_model, model_info
 from ..models.flops import forward_flops
 from ..rundir import RunDir
 from ..weights import load_checkpoint
+from .published import FIGURE_KEYS, Figure, params_note, published_figures
 from .spec import format_value
 
 MANIFEST = "sweep.json"
@@ -78,7 +79,9 @@ class VariantResult:
     config: dict  # the variant's resolved settings (seed of repetition 0)
     settings: dict  # the varied settings shown as columns
     runs: list[RunResult] = field(default_factory=list)
-    published_top1: Optional[float] = None
+    # the seed's figures for this variant (`published:` keys test_top1, test_top5, paper_top1), markers kept
+    published: dict[str, Figure] = field(default_factory=dict)
+    published_params: str = ""  # a parameter count the seed states ("22M"), shown beside ours
     params: Optional[int] = None
     flops: Optional[int] = None
     relative_time: Optional[float] = None
@@ -135,8 +138,10 @@ def collect(sweep_dir: Path, manifest: Optional[dict] = None) -> list[VariantRes
     for v, settings in zip(manifest["variants"], shown):
         result = VariantResult(name=v["name"], dir=v["dir"], config=v["config"], settings=settings)
         result.runs = [read_run(sweep_dir / r["dir"], r["repetition"], r["seed"]) for r in v["runs"]]
-        published = (v["config"].get("published") or {}).get("test_top1") if v.get("shows_published") else None
-        result.published_top1 = float(published) if published is not None else None
+        if v.get("shows_published"):
+            block = v["config"].get("published") or {}
+            result.published = published_figures(block, f"`published` of variant {v['name']}")
+            result.published_params = str(block.get("params") or "")
         fill_model_numbers(result)
         variants.append(result)
     baseline = next((v for v in variants if v.name == manifest.get("baseline")), variants[0])
@@ -253,9 +258,13 @@ def seeds_cell(v: VariantResult) -> str:
 
 # ----------------------------------------------------------------------------- writing
 
-CSV_FIXED = ["seeds_done", "seeds_planned", "seeds", "params", "flops", "train_seconds", "relative_train_time",
-             "test_top1_mean", "test_top1_std", "test_top5_mean", "test_top5_std", "test_top1_per_seed",
-             "published_top1", "published_comparable", "failed"]
+# published figures: the figure as published (a fraction with its marker: "~0.885", ">0.94") and its value
+CSV_PUBLISHED = {"test_top1": "published_top1", "test_top5": "published_top5", "paper_top1": "paper_top1"}
+CSV_FIXED = ["seeds_done", "seeds_planned", "seeds", "params", "published_params", "flops", "train_seconds",
+             "relative_train_time", "test_top1_mean", "test_top1_std", "test_top5_mean", "test_top5_std",
+             "test_top1_per_seed",
+             *(c for key, _ in FIGURE_KEYS for c in (CSV_PUBLISHED[key], f"{CSV_PUBLISHED[key]}_value")),
+             "published_comparable", "failed"]
 
 
 def csv_text(variants: list[VariantResult]) -> str:
@@ -266,11 +275,13 @@ def csv_text(variants: list[VariantResult]) -> str:
     for v in variants:
         top1, top1_std = mean_std(v.values("test_top1"))
         top5, top5_std = mean_std(v.values("test_top5"))
+        published = [c for key, _ in FIGURE_KEYS for c in
+                     ((v.published[key].fraction(), v.published[key].value) if key in v.published else ("", None))]
         w.writerow([v.name, *(format_value(v.settings[k]) for k in setting_keys), len(v.done), len(v.runs),
-                    ";".join(str(r.seed) for r in v.runs), blank(v.params), blank(v.flops), blank(v.train_seconds),
-                    blank(v.relative_time), blank(top1), blank(top1_std), blank(top5), blank(top5_std),
-                    ";".join(f"{r.seed}:{r.summary['test_top1']}" for r in v.done), blank(v.published_top1),
-                    comparable_cell(v),
+                    ";".join(str(r.seed) for r in v.runs), blank(v.params), v.published_params, blank(v.flops),
+                    blank(v.train_seconds), blank(v.relative_time), blank(top1), blank(top1_std), blank(top5),
+                    blank(top5_std), ";".join(f"{r.seed}:{r.summary['test_top1']}" for r in v.done),
+                    *(blank(c) for c in published), comparable_cell(v),
                     ";".join(f"{r.seed}:{r.error}" for r in v.runs if r.state == "failed")])
     return buf.getvalue()
 
@@ -281,7 +292,7 @@ def blank(x) -> str:
 
 def comparable_cell(v: VariantResult) -> str:
     """"yes", "no: why", or "" when the variant has no published figure."""
-    if v.published_top1 is None:
+    if not v.published:
         return ""
     ok, why = published_comparability(v)
     return "yes" if ok else f"no: {why}"
@@ -289,25 +300,34 @@ def comparable_cell(v: VariantResult) -> str:
 
 def table_markdown(variants: list[VariantResult]) -> str:
     setting_keys = list(variants[0].settings) if variants else []
-    show_published = any(v.published_top1 is not None for v in variants)
+    shown = [(key, label) for key, label in FIGURE_KEYS if any(key in v.published for v in variants)]
     header = ["variant", *setting_keys, "params", "FLOPs", "train time", "rel. time", "top-1 %", "top-5 %"]
     align = ["---"] * (1 + len(setting_keys)) + ["---:"] * 6
-    if show_published:
-        header += ["published top-1 %", "comparable?"]
-        align += ["---:", "---"]
+    if shown:
+        header += [f"{label} % (quoted)" if key.startswith("paper") else f"published {label} %"
+                   for key, label in shown] + ["comparable?"]
+        align += ["---:"] * len(shown) + ["---"]
     header.append("seeds")
     align.append("---:")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for v in variants:
-        cells = [v.name, *(format_value(v.settings[k]) for k in setting_keys),
-                 f"{v.params:,}" if v.params is not None else "—", human_count(v.flops),
+        cells = [v.name, *(format_value(v.settings[k]) for k in setting_keys), params_cell(v), human_count(v.flops),
                  human_seconds(v.train_seconds), "—" if v.relative_time is None else f"{v.relative_time:.2f}",
                  pct_pm(*mean_std(v.values("test_top1"))), pct_pm(*mean_std(v.values("test_top5")))]
-        if show_published:
-            cells += [pct(v.published_top1), comparable_cell(v) or "—"]
+        if shown:
+            cells += [v.published[key].percent() if key in v.published else "—" for key, _ in shown]
+            cells.append(comparable_cell(v) or "—")
         cells.append(seeds_cell(v))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def params_cell(v: VariantResult) -> str:
+    """`27,970,472 (the seed says 22M)`: our exact count, and beside it the seed's stated one when it has one."""
+    if v.params is None:
+        return "—"
+    note = params_note({"params": v.published_params})
+    return f"{v.params:,} {note}" if note else f"{v.params:,}"
 
 
 def unique(values) -> list:
@@ -355,12 +375,14 @@ def setup_lines(manifest: dict, variants: list[VariantResult]) -> list[str]:
     statements = unique(data_statement(s.get("data_provenance")) for s in summaries)
     if statements:
         lines += [f"- **data**: {'; '.join(statements)}"]
-    sources = unique((v.config.get("published") or {}).get("source") for v in variants
-                     if v.published_top1 is not None)
+    sources = unique((v.config.get("published") or {}).get("source") for v in variants if v.published)
     if sources:
-        lines += [f"- **published**: the seed documents' own figures, not ours: {'; '.join(sources)}. A row is "
-                  f"comparable only when its data is the official release and it was evaluated on the published "
-                  f"figure's test split"]
+        markers = unique(f.marker for v in variants for f in v.published.values() if f.marker)
+        marked = (f" ({', '.join(f'`{m}`' for m in markers)}: as the source gives it, e.g. `~` about, `>` more "
+                  f"than)") if markers else ""
+        lines += [f"- **published**: the seed documents' own figures{marked}, not ours: {'; '.join(sources)}. A "
+                  f"row is comparable only when its data is the official release and it was evaluated on the "
+                  f"published figure's test split"]
     return lines
 
 

@@ -3,6 +3,7 @@ from .export import FORMATS, ExportResult, export_model, export_target
 from .load import LoadedModel, OnnxModel, load
 from .predict import PredictResult, Prediction, predict_files
 from .preprocess import Preprocess, collect_image_paths
+from ..weights.pretrained import load_pretrained_into  # isoconv.interop.load_pretrained_into, as the README says
 
 __all__ = [
     "FORMATS",
@@ -16,5 +17,6 @@ __all__ = [
     "export_model",
     "export_target",
     "load",
+    "load_pretrained_into",
     "predict_files",
 ]

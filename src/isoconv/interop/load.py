@@ -3,6 +3,11 @@
 Accepted: a run directory (its last.pt), an isoconv checkpoint, and the exports of `isoconv export` —
 `.safetensors`, `.onnx` (run with onnxruntime, wrapped as an nn.Module) and TorchScript. The format is
 recognised from the content where the suffix is ambiguous (TorchScript files are often named .pt too).
+
+Bare weights without isoconv metadata (a timm state dict, the seeds' own checkpoints: the ConvMixer-XL study's
+``{'model_state_dict': ...}``, simple-convnext's ``{'model_state': ...}``) are refused with a message naming their
+layout: they lack the model settings, classes, image size and normalization a ready model needs. Load them into a
+model you build (`isoconv.interop.load_pretrained_into`) or train from them (`--pretrained`).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from ..weights.checkpoint import load_checkpoint
 from ..rundir import CHECKPOINT_NAME
 from ..weights.files import INSTALL_HINT, model_format, read_safetensors, strip_wrapper_prefixes
 from ..weights.meta import META_KEY, ModelMeta
+from ..weights.pretrained import foreign_layout
 from .preprocess import Preprocess
 
 TORCHSCRIPT_META_FILE = "isoconv.json"
@@ -57,13 +63,27 @@ def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
     if fmt == "safetensors":
         state, meta = read_safetensors(path)
         if meta is None:
-            raise UserError(f"{path} holds weights without isoconv metadata (config, classes, image size); "
-                            f"export it with `isoconv export`, or start training from it with --pretrained")
+            raise bare_weights_error(path, foreign_layout(path))
     else:
         ckpt_path = path / CHECKPOINT_NAME if fmt == "run" else path
-        ckpt = load_checkpoint(ckpt_path)
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except UserError:
+            layout = foreign_layout(ckpt_path) if fmt == "checkpoint" else None
+            if layout:
+                raise bare_weights_error(path, layout) from None
+            raise
         state, meta = ckpt["model"], ModelMeta.from_checkpoint(ckpt, str(ckpt_path))
     return build_with_weights(meta, state, str(path)).to(device).eval(), meta
+
+
+def bare_weights_error(path: Path, layout) -> UserError:
+    """isoconv.load on weights without isoconv metadata: say what they are and the two ways to use them."""
+    what = f"bare weights ({layout})" if layout else "weights"
+    return UserError(f"{path} holds {what} without isoconv metadata (model settings, classes, image size, "
+                     f"normalization), so isoconv.load cannot make a ready model from it; build the model and load "
+                     f"them with isoconv.interop.load_pretrained_into(isoconv.create_model(NAME, ...), path), or "
+                     f"train from them with `isoconv train --model NAME --pretrained {path}`")
 
 
 def build_with_weights(meta: ModelMeta, state: dict[str, torch.Tensor], source: str) -> nn.Module:

@@ -17,12 +17,14 @@
   ``stage_layers.N.blocks.M.block.{0,2,3,5}`` (dwconv, LN, fc1, fc2) and ``.gamma`` of shape (C, 1, 1),
   ``cls.0`` head norm, ``cls.1`` head.
 
-The tensors are not copied; only renamed (and gamma reshaped to isoconv's (C,)).
+The tensors are not copied; only renamed (and gamma reshaped to isoconv's (C,)). The ``*_names`` functions give the
+renaming alone (file name -> isoconv name, for a state dict without the ``module.`` prefix); `weights/pretrained.py`
+uses them for ``--pretrained``, the ``*_to_isoconv`` functions apply them.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from torch import Tensor
 
@@ -32,8 +34,10 @@ __all__ = [
     "is_xl_study_layout",
     "is_xl_nested_layout",
     "xl_skip_period",
+    "xl_study_names",
     "xl_study_to_isoconv",
     "is_simple_convnext_layout",
+    "simple_convnext_names",
     "simple_convnext_to_isoconv",
 ]
 
@@ -42,6 +46,7 @@ StateDict = dict[str, Tensor]
 SEED_STATE_KEYS = ("model_state_dict", "model_state")  # XL study, simple-convnext
 
 _XL_NESTED = re.compile(r"^(\d+)\.0\.fn\.(\d+)\.(.+)$")  # group g, block j, the block's own name
+_XL_GROUP_REST = re.compile(r"^0\.fn\.(\d+)\.(.+)$")  # a group's key after its index: block j, its own name
 _XL_NESTED_MARK = re.compile(r"^\d+\.0\.fn\.\d+\.0\.fn\.0\.weight$")
 _FLAT_BLOCK_MARK = re.compile(r"^\d+\.0\.fn\.0\.weight$")
 _SIMPLE_MARK = re.compile(r"^stage_layers\.\d+\.blocks\.\d+\.block\.")
@@ -113,33 +118,20 @@ def xl_skip_period(state: Mapping[str, Tensor]) -> int:
     return len(_xl_groups(strip_module_prefix(state)))
 
 
-def xl_study_to_isoconv(obj: Any) -> StateDict:
-    """A ConvMixer-XL study checkpoint (the saved dict or its state dict, flat ``CM`` or grouped ``CM-XL``) ->
-    isoconv ConvMixer state dict."""
-    state = strip_module_prefix(seed_state_dict(obj))
-    groups = _xl_groups(state)
+def xl_study_names(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """File name -> isoconv ConvMixer name for either of the study's layouts (flat ``CM`` or grouped ``CM-XL``);
+    the keys carry no ``module.`` prefix. ValueError for anything else."""
+    groups = _xl_groups(dict(state))
     if groups:
-        return _xl_nested(state, groups)
+        return _xl_nested_names(state, groups)
     if not any(_FLAT_BLOCK_MARK.match(k) for k in state):
         raise ValueError(f"not a ConvMixer-XL study layout (first keys: {', '.join(list(state)[:3])})")
-    blocks = sorted({int(k.split(".")[0]) for k in state if _FLAT_BLOCK_MARK.match(k)})
-    head = blocks[-1] + 3  # after the last block: pooling, flatten, Linear
-    out: StateDict = {}
-    for key, value in state.items():
-        index, _, rest = key.partition(".")
-        i = int(index)
-        if i in (0, 2):
-            out[f"stem.{key}"] = value
-        elif i in blocks:
-            out[f"blocks.{i - 3}.{rest}"] = value
-        elif i == head:
-            out[f"head.{rest}"] = value
-        else:
-            raise ValueError(f"unexpected key {key!r} in a flat ConvMixer state dict")
-    return out
+    blocks = {int(k.split(".")[0]) for k in state if _FLAT_BLOCK_MARK.match(k)}
+    return _sequential_names(state, max(blocks) + 3,  # after the last block: pooling, flatten, Linear
+                             lambda i, rest: f"blocks.{i - 3}.{rest}" if i in blocks else None, "flat ConvMixer")
 
 
-def _xl_nested(state: StateDict, groups: dict[int, set[int]]) -> StateDict:
+def _xl_nested_names(state: Mapping[str, Tensor], groups: dict[int, set[int]]) -> dict[str, str]:
     order = sorted(groups)
     if order != list(range(3, 3 + len(order))):
         raise ValueError(f"ConvMixer-XL groups must sit at positions 3.. in the Sequential, found {order}")
@@ -148,20 +140,33 @@ def _xl_nested(state: StateDict, groups: dict[int, set[int]]) -> StateDict:
     if len(sizes) != 1 or any(blocks != set(range(per_group)) for blocks in groups.values()):
         raise ValueError(f"ConvMixer-XL groups hold unequal or gapped block sets: "
                          f"{ {g: sorted(b) for g, b in groups.items()} }")
-    head = 3 + len(order) + 2
-    out: StateDict = {}
-    for key, value in state.items():
-        m = _XL_NESTED.match(key)
-        index = int(key.split(".")[0])
-        if m and index in groups:
-            out[f"blocks.{(index - 3) * per_group + int(m.group(2))}.{m.group(3)}"] = value
-        elif index in (0, 2):
-            out[f"stem.{key}"] = value
-        elif index == head:
-            out[f"head.{key.partition('.')[2]}"] = value
-        else:
-            raise ValueError(f"unexpected key {key!r} in a ConvMixer-XL state dict")
+
+    def block(i: int, rest: str) -> Optional[str]:  # rest of group i's keys: 0.fn.<j>.<the block's own name>
+        m = _XL_GROUP_REST.match(rest)
+        return f"blocks.{(i - 3) * per_group + int(m.group(1))}.{m.group(2)}" if m and i in groups else None
+
+    return _sequential_names(state, 3 + len(order) + 2, block, "ConvMixer-XL")
+
+
+def _sequential_names(state: Mapping[str, Tensor], head: int, block: Callable[[int, str], Optional[str]],
+                      kind: str) -> dict[str, str]:
+    """The study's nn.Sequential: 0 patch conv, 2 BN, blocks (named by `block(index, rest)`), `head` the Linear."""
+    out: dict[str, str] = {}
+    for key in state:
+        index, _, rest = key.partition(".")
+        i = int(index) if index.isdigit() else -1
+        name = f"stem.{key}" if i in (0, 2) else f"head.{rest}" if i == head else block(i, rest)
+        if name is None:
+            raise ValueError(f"unexpected key {key!r} in a {kind} state dict")
+        out[key] = name
     return out
+
+
+def xl_study_to_isoconv(obj: Any) -> StateDict:
+    """A ConvMixer-XL study checkpoint (the saved dict or its state dict, flat ``CM`` or grouped ``CM-XL``) ->
+    isoconv ConvMixer state dict."""
+    state = strip_module_prefix(seed_state_dict(obj))
+    return {new: state[old] for old, new in xl_study_names(state).items()}
 
 
 # ----------------------------------------------------------------------------- simple-convnext
@@ -170,21 +175,26 @@ def is_simple_convnext_layout(state: Mapping[str, Tensor]) -> bool:
     return any(_SIMPLE_MARK.match(k) for k in strip_module_prefix(state))
 
 
+def simple_convnext_names(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """File name -> isoconv ConvNeXt name for simple-convnext's state dict (no ``module.`` prefix); ValueError for
+    anything else. Its ``gamma`` is (C, 1, 1), isoconv's (C,): the caller reshapes."""
+    if not is_simple_convnext_layout(state):
+        raise ValueError(f"not a simple-convnext layout (first keys: {', '.join(list(state)[:3])})")
+    out: dict[str, str] = {}
+    for key in state:
+        for pattern, repl in _SIMPLE_RULES:
+            new, n = pattern.subn(repl, key, count=1)
+            if n:
+                out[key] = new
+                break
+        else:
+            raise ValueError(f"unexpected key {key!r} in a simple-convnext state dict")
+    return out
+
+
 def simple_convnext_to_isoconv(obj: Any) -> StateDict:
     """simple-convnext's saved ``{'model_state': ..., 'optimizer_state': ...}`` (or the bare state dict) ->
     isoconv ConvNeXt state dict.  gamma (C, 1, 1) becomes (C,)."""
     state = strip_module_prefix(seed_state_dict(obj))
-    if not is_simple_convnext_layout(state):
-        raise ValueError(f"not a simple-convnext layout (first keys: {', '.join(list(state)[:3])})")
-    out: StateDict = {}
-    for key, value in state.items():
-        for pattern, repl in _SIMPLE_RULES:
-            new, n = pattern.subn(repl, key, count=1)
-            if n:
-                break
-        else:
-            raise ValueError(f"unexpected key {key!r} in a simple-convnext state dict")
-        if new.endswith(".gamma"):
-            value = value.reshape(-1)
-        out[new] = value
-    return out
+    return {new: state[old].reshape(-1) if new.endswith(".gamma") else state[old]
+            for old, new in simple_convnext_names(state).items()}

@@ -4,7 +4,10 @@ Recognised layouts (tensor names; the values are the same tensors in every layou
 
 * isoconv ConvMixer = timm ``ConvMixer``: ``stem.0``, ``blocks.N.0.fn.0``, ``blocks.N.1``, ``head``.
 * the paper's flat ConvMixer ``nn.Sequential``: ``0`` (patch conv), ``2`` (BN), ``3+i.*`` (block i),
-  the last ``Linear`` (head) after pooling and flatten.
+  the last ``Linear`` (head) after pooling and flatten; the ConvMixer-XL study's ``CM`` checkpoints (its Vanilla
+  rows and CM-XL-NoSkip) use it too.
+* the ConvMixer-XL study's grouped ``CM-XL`` checkpoints (CM-XL, CM-XL-Skip): group g at ``3+g``, its block j at
+  ``3+g.0.fn.j.*``; they fit a model whose ``skip_period`` is the number of groups (a note says so otherwise).
 * isoconv ConvNeXt: ``stem``, ``stages.N.downsample``, ``stages.N.blocks.M.{conv_dw,norm,fc1,fc2,gamma}``,
   ``head_norm``, ``head``.
 * timm ``ConvNeXt``: as isoconv but ``mlp.fc1``/``mlp.fc2`` and ``head.norm``/``head.fc`` (1x1-conv MLPs of
@@ -12,7 +15,9 @@ Recognised layouts (tensor names; the values are the same tensors in every layou
 * facebookresearch ConvNeXt: ``downsample_layers.0`` (stem), ``downsample_layers.N``,
   ``stages.N.M.{dwconv,norm,pwconv1,pwconv2,gamma}``, ``norm``, ``head``.
 * the simple-convnext seed: ``downsample_layers.N`` as above, ``stage_layers.N.blocks.M.block.{0,2,3,5}``,
-  ``gamma`` of shape (C, 1, 1), ``cls.0`` (norm), ``cls.1`` (head).
+  ``gamma`` of shape (C, 1, 1), ``cls.0`` (norm), ``cls.1`` (head); its saved file ``{'model_state': ...}`` too.
+
+The seeds' own layouts are converted by `models/seed_layouts.py`.
 
 The classifier is replaced (left at its fresh initialisation) when the class count differs; any other
 difference is an error naming a mismatching tensor and the architecture the file holds.
@@ -33,13 +38,14 @@ from ..config import TrainConfig, apply_overrides
 from ..errors import UserError
 from ..rundir import CHECKPOINT_NAME
 from ..models import ConvMixer, ConvNeXt, build_model
+from ..models.seed_layouts import SEED_STATE_KEYS, simple_convnext_names, xl_skip_period, xl_study_names
 from . import checkpoint as checkpoint_module
 from .files import model_format, read_safetensors, strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)
 
 HEAD_KEYS = ("head.weight", "head.bias")
-STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "state_dict_ema", "module")
+STATE_DICT_KEYS = ("model", "state_dict", *SEED_STATE_KEYS, "model_ema", "state_dict_ema", "module")
 Rules = list[tuple[str, str]]
 
 # (pattern, replacement) pairs; the first matching pattern renames a key, keys matching none keep their name.
@@ -59,17 +65,6 @@ FACEBOOK_CONVNEXT: Rules = ORIGINAL_DOWNSAMPLING + [
     (r"^stages\.(\d+)\.(\d+)\.(norm\.|gamma$)", r"stages.\1.blocks.\2.\3"),
     (r"^norm\.", "head_norm."),
 ]
-SIMPLE_CONVNEXT: Rules = ORIGINAL_DOWNSAMPLING + [
-    (r"^stage_layers\.(\d+)\.blocks\.(\d+)\.block\.0\.", r"stages.\1.blocks.\2.conv_dw."),
-    (r"^stage_layers\.(\d+)\.blocks\.(\d+)\.block\.2\.", r"stages.\1.blocks.\2.norm."),
-    (r"^stage_layers\.(\d+)\.blocks\.(\d+)\.block\.3\.", r"stages.\1.blocks.\2.fc1."),
-    (r"^stage_layers\.(\d+)\.blocks\.(\d+)\.block\.5\.", r"stages.\1.blocks.\2.fc2."),
-    (r"^stage_layers\.(\d+)\.blocks\.(\d+)\.gamma$", r"stages.\1.blocks.\2.gamma"),
-    (r"^cls\.0\.", "head_norm."),
-    (r"^cls\.1\.", "head."),
-]
-
-
 @dataclass(frozen=True)
 class Layout:
     name: str
@@ -204,40 +199,36 @@ def rule_renamer(rules: Rules) -> Callable[[dict[str, torch.Tensor]], dict[str, 
     return rename
 
 
-def rename_flat_convmixer(state: dict[str, torch.Tensor]) -> dict[str, str]:
-    """The paper's nn.Sequential: 0 conv, 1 act, 2 BN, 3..3+depth-1 blocks, then pool, flatten, Linear."""
-    blocks = sorted({int(k.split(".")[0]) for k in state if re.match(r"^\d+\.\d+\.", k)})
-    linear = [int(k.split(".")[0]) for k, v in state.items() if re.match(r"^\d+\.weight$", k) and v.dim() == 2]
-    head = max(linear) if linear else None
-    out = {}
-    for key in state:
-        index, _, rest = key.partition(".")
-        i = int(index) if index.isdigit() else -1
-        if i in (0, 2):
-            out[key] = f"stem.{key}"
-        elif i in blocks:
-            out[key] = f"blocks.{i - 3}.{rest}"
-        elif i == head:
-            out[key] = f"head.{rest}"
-        else:
-            out[key] = key
-    return out
+def seed_renamer(names: Callable[[dict[str, torch.Tensor]], dict[str, str]],
+                 layout: str) -> Callable[[dict[str, torch.Tensor]], dict[str, str]]:
+    """A seed_layouts names function whose ValueError (a key the layout cannot hold) becomes a UserError."""
+    def rename(state: dict[str, torch.Tensor]) -> dict[str, str]:
+        try:
+            return names(state)
+        except ValueError as e:
+            raise UserError(f"--pretrained: the weights look like the {layout} but do not fit it: {e}") from None
+
+    return rename
 
 
+XL_GROUPED = "ConvMixer-XL study's grouped (CM-XL) layout"
+FLAT_CONVMIXER = "original flat nn.Sequential ConvMixer layout"
 LAYOUTS: list[tuple[str, Layout]] = [  # (a key pattern that identifies the layout, layout)
     (r"^stage_layers\.\d+\.blocks\.\d+\.block\.", Layout("simple-convnext layout", "convnext",
-                                                        rule_renamer(SIMPLE_CONVNEXT))),
+                                                        seed_renamer(simple_convnext_names, "simple-convnext layout"))),
     (r"^stages\.\d+\.\d+\.dwconv\.", Layout("original facebookresearch ConvNeXt layout", "convnext",
                                            rule_renamer(FACEBOOK_CONVNEXT))),
     (r"^stages\.\d+\.blocks\.\d+\.mlp\.fc1\.", Layout("timm ConvNeXt layout", "convnext",
                                                      rule_renamer(TIMM_CONVNEXT))),
     (r"^stages\.\d+\.blocks\.\d+\.fc1\.", Layout("isoconv ConvNeXt layout", "convnext", rule_renamer([]))),
     (r"^blocks\.\d+\.0\.fn\.0\.weight$", Layout("isoconv/timm ConvMixer layout", "convmixer", rule_renamer([]))),
-    (r"^\d+\.0\.fn\.0\.weight$", Layout("original flat nn.Sequential ConvMixer layout", "convmixer",
-                                       rename_flat_convmixer)),
+    (r"^\d+\.0\.fn\.\d+\.0\.fn\.0\.weight$", Layout(XL_GROUPED, "convmixer",
+                                                    seed_renamer(xl_study_names, XL_GROUPED))),
+    (r"^\d+\.0\.fn\.0\.weight$", Layout(FLAT_CONVMIXER, "convmixer", seed_renamer(xl_study_names, FLAT_CONVMIXER))),
 ]
 SUPPORTED = ("isoconv runs/checkpoints/.safetensors, timm ConvMixer and ConvNeXt state dicts, the original flat "
-             "ConvMixer nn.Sequential, the original facebookresearch ConvNeXt and the simple-convnext layout")
+             "ConvMixer nn.Sequential, the ConvMixer-XL study's grouped CM-XL layout, the original facebookresearch "
+             "ConvNeXt and the simple-convnext layout")
 
 
 def detect_layout(state: dict[str, torch.Tensor], source: str) -> Layout:
@@ -297,6 +288,7 @@ def load_pretrained_into(model: nn.Module, path: Union[str, Path]) -> Pretrained
     new_state = match_tensors(target, converted, report, family, str(path))
     model.load_state_dict(new_state, strict=True)
     report.notes.extend(parameter_free_differences(model, source_config))
+    report.notes.extend(group_skip_difference(model, layout, state))
     for line in report.lines():
         log.info(line)
     return report
@@ -349,6 +341,28 @@ def match_tensors(target: dict[str, torch.Tensor], converted: dict[str, tuple[st
         report.notes.append(f"classifier replaced: the file has {classes} classes, the model {ours}" if classes
                             else f"classifier initialised fresh: the file has none ({ours} classes here)")
     return new_state
+
+
+def group_skip_difference(model: nn.Module, layout: Layout, state: dict[str, torch.Tensor]) -> list[str]:
+    """The XL study's files say by their layout whether the net had group skips (grouped: one per group, flat:
+    none); a model built otherwise loads the same tensors but computes another function."""
+    if layout.name not in (XL_GROUPED, FLAT_CONVMIXER) or not hasattr(model, "config"):
+        return []
+    theirs, ours = xl_skip_period(state), model.config.get("skip_period", 0)
+    if theirs == ours:
+        return []
+    how = f"{theirs} inter-block skip groups" if theirs else "no inter-block skips"
+    return [f"the weights come from a ConvMixer with {how} (skip_period {theirs}), this model uses skip_period "
+            f"{ours}: pass --skip-period {theirs} for the network the weights were trained as"]
+
+
+def foreign_layout(path: Union[str, Path]) -> Optional[str]:
+    """The layout name of a weights file without isoconv metadata that --pretrained reads, else None."""
+    try:
+        state, config, _ = read_weights(path)
+        return None if config else detect_layout(state, str(path)).name
+    except UserError:
+        return None
 
 
 def parameter_free_differences(model: nn.Module, source_config: Optional[dict[str, Any]]) -> list[str]:
