@@ -16,7 +16,7 @@ import torch
 
 from .bench import run_bench, time_to_accuracy
 from .doctor import run_doctor
-from .config import add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
+from .config import add_setting_flags, build_config, config_differences, list_recipes, load_recipe, settings_from_args
 from .errors import Interrupted, UserError
 from .eval.run import evaluate_target
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
@@ -207,8 +207,14 @@ def resume_run(run: RunDir, args, overrides: dict) -> int:
         return 0
     finished = run.read_summary()
     if finished is not None:
+        stored = run.read_config() or {}
+        diffs = config_differences(stored, {**stored, **given})
+        if diffs:
+            raise UserError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); drop those flags or "
+                            f"start a new run")
         logging.getLogger(__name__).info(
-            f"{run} is finished ({finished.get('epochs')} epochs, test top-1 {finished.get('test_top1', 0):.4f}); "
+            f"{run} is finished ({finished.get('epochs')} epoch{'' if finished.get('epochs') == 1 else 's'}, test "
+            f"top-1 {finished.get('test_top1', 0):.4f}); "
             f"nothing to resume. `isoconv eval {run}` evaluates it again; train a new run to change its settings")
         return 0
     state = load_latest_checkpoint(run.checkpoint)

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -247,35 +247,91 @@ def _setup_and_train(cfg, dist: Dist, run: RunDir, start_state, resume, stop_aft
         raise
 
 
+@dataclass
+class Start:
+    """Where a run (re)starts: after `epoch` epochs and `step` steps of the next, with that epoch's state."""
+
+    epoch: int = 0
+    step: int = 0
+    epoch_state: Optional[dict] = None
+    history: list = field(default_factory=list)  # the metrics rows of the finished epochs
+    train_seconds: float = 0.0
+
+
+def start_run(t: Training, run: RunDir, start_state: Optional[dict]) -> Start:
+    """Restore a checkpoint (if any), seed the other processes, write config.yaml and the metrics so far."""
+    cfg, dist, start = t.cfg, t.dist, Start()
+    if start_state is not None:
+        restore(t, start_state)
+        start = Start(start_state["epoch"], start_state.get("step", 0), start_state.get("epoch_state"),
+                      run.read_metrics()[:start_state["epoch"]], start_state["train_seconds"])
+    if dist.rank > 0:  # per-process stochastic depth; rank 0 keeps the single-process stream
+        torch.manual_seed(ddp.decorrelated_seed(cfg.seed, dist.rank, start.epoch, start.step))
+    if dist.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(cfg.to_dict())
+        run.write_metrics(start.history)
+    return start
+
+
+class Sinks:
+    """Where each epoch's metrics row goes besides metrics.jsonl: TensorBoard and an experiment tracker."""
+
+    def __init__(self, t: Training, run: RunDir, start_epoch: int):
+        main = t.dist.is_main
+        self.sinks = [open_tensorboard(run.tensorboard, start_epoch=start_epoch, enabled=t.cfg.tensorboard and main),
+                      open_tracker(t.cfg, run, enabled=main)]  # --track mlflow
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log_epoch(row)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def epoch_row(epoch: int, lr: float, state: EpochState, dist: Dist, seconds: float) -> dict[str, Any]:
+    """The metrics row of a finished epoch (test metrics filled in when it is evaluated)."""
+    loss_sum, correct, seen = state.totals(dist)
+    if seen == 0:
+        raise UserError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped); "
+                        f"lower --lr-max or add --clip-norm 1.0")
+    return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+            "test_loss": None, "test_top1": None, "test_top5": None, "epoch_seconds": seconds,
+            "images_per_second": seen / seconds, "skipped_steps": state.skipped}
+
+
+def record_epoch(t: Training, run: RunDir, row: dict, sinks: Sinks, train_seconds: float, info) -> None:
+    """Metrics row, sinks, epoch-end checkpoint (and the kept copy), log line."""
+    cfg, epoch = t.cfg, row["epoch"]
+    if t.dist.is_main:
+        run.append_metrics(row)  # before the checkpoint: resume truncates extra rows
+    sinks.log_epoch(row)
+    save_run_checkpoint(t, run, epoch, 0, None, train_seconds)
+    if t.dist.is_main and cfg.keep_every and epoch % cfg.keep_every == 0:
+        run.keep_checkpoint(epoch)
+    info(format_row(row))
+
+
 def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Optional[int]):
     cfg, dist, device, loader = t.cfg, t.dist, t.device, t.loader
     info = log.info if dist.is_main else (lambda *_: None)
     steps_per_epoch = len(loader)
-    start_epoch, start_step, resumed_epoch, history, train_seconds = 0, 0, None, [], 0.0
-    if start_state is not None:
-        restore(t, start_state)
-        start_epoch, start_step = start_state["epoch"], start_state.get("step", 0)
-        resumed_epoch, train_seconds = start_state.get("epoch_state"), start_state["train_seconds"]
-        history = run.read_metrics()[:start_epoch]
-    if dist.rank > 0:  # per-process stochastic depth; rank 0 keeps the single-process stream
-        torch.manual_seed(ddp.decorrelated_seed(cfg.seed, dist.rank, start_epoch, start_step))
-    if dist.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.write_config(cfg.to_dict())
-        run.write_metrics(history)
-    tb = open_tensorboard(run.tensorboard, start_epoch=len(history), enabled=cfg.tensorboard and dist.is_main)
-    tracker = open_tracker(cfg, run, enabled=dist.is_main)  # --track mlflow
+    start = start_run(t, run, start_state)
+    resumed_epoch, history, train_seconds = start.epoch_state, start.history, start.train_seconds
+    sinks = Sinks(t, run, len(history))
     log_start(t, run, info, start_state, history)
 
     result, last_save = None, time.monotonic()
     budget_stop, started, last_epoch_wall = None, time.perf_counter(), None
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     with Stopper(dist) as stop:
-        for epoch in range(start_epoch, end_epoch):
+        for epoch in range(start.epoch, end_epoch):
             epoch_started = time.perf_counter()
             t.step.model.train()
             if resumed_epoch is not None:  # resuming mid-epoch: same order, same partial sums
-                state, first = EpochState.from_dict(resumed_epoch, device, dist), start_step
+                state, first = EpochState.from_dict(resumed_epoch, device, dist), start.step
             else:
                 state, first = EpochState.fresh(loader.epoch_order(), device), 0
             resumed_epoch, seen_at_start = None, state.seen
@@ -325,32 +381,18 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
             synchronize(device)
             # end of epoch: checks, evaluation, metrics row, checkpoint, log
             check_finite(t, first_bad, epoch, run)
-            loss_sum, correct, seen = state.totals(dist)
             epoch_seconds = state.seconds + time.perf_counter() - t0
             train_seconds += epoch_seconds
-            if seen == 0:
-                raise UserError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped); "
-                                f"lower --lr-max or add --clip-norm 1.0")
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / seen,
-                   "train_acc": correct.item() / seen, "test_loss": None, "test_top1": None, "test_top5": None,
-                   "epoch_seconds": epoch_seconds, "images_per_second": seen / epoch_seconds,
-                   "skipped_steps": state.skipped}
+            row = epoch_row(epoch, lr, state, dist, epoch_seconds)
             if epoch + 1 < end_epoch and over_time_budget(cfg, dist, started, last_epoch_wall or epoch_seconds):
                 budget_stop = epoch + 1  # evaluated, checkpointed and logged like a last epoch, then stop
             if epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0 or budget_stop:
                 result = evaluate(t)
                 row.update({k: result[k] for k in ("test_loss", "test_top1", "test_top5")})
             history.append(row)
-            if dist.is_main:
-                run.append_metrics(row)  # before the checkpoint: resume truncates extra rows
-            tb.log_epoch(row)
-            tracker.log_epoch(row)
-            save_run_checkpoint(t, run, epoch + 1, 0, None, train_seconds)
+            record_epoch(t, run, row, sinks, train_seconds, info)
             last_save = time.monotonic()
-            if dist.is_main and cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:
-                run.keep_checkpoint(epoch + 1)
-            info(format_row(row))
-            if cfg.compile and epoch == start_epoch and t.step.compile_seconds is not None:
+            if cfg.compile and epoch == start.epoch and t.step.compile_seconds is not None:
                 info(f"torch.compile: {t.step.compile_seconds:.1f} s (extra time of the first step, included in "
                      f"epoch {epoch + 1}'s seconds)")
             signum = stop.epoch_end()  # also waits for rank 0's checkpoint
@@ -360,8 +402,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
             if budget_stop:
                 break
 
-    tb.close()
-    tracker.close()
+    sinks.close()
     if budget_stop:
         info(f"--time-budget {cfg.time_budget:g} s: stopped after epoch {budget_stop} of {cfg.epochs} (another epoch "
              f"would pass the budget); continue with `isoconv train --resume {run}`")
