@@ -98,6 +98,8 @@ def weight_grad_aten(grad_out: Tensor, x: Tensor, kh: int, kw: int, pad: Sequenc
                                                x.shape[1], [False, True, False])[1]
 
 
+RECOMPILE_LIMIT = 64
+
 _compiled_weight_grad: Optional[Callable[..., Tensor]] = None
 _compile_failed = False
 
@@ -110,7 +112,10 @@ def weight_grad_compiled(grad_out: Tensor, x: Tensor, kh: int, kw: int, pad: Seq
         if _compiled_weight_grad is None:
             _compiled_weight_grad = torch.compile(weight_grad_sums, fullgraph=True)
         try:
-            return _compiled_weight_grad(grad_out, x, kh, kw, pad)
+            # dynamo keeps one compiled variant per dtype, kernel size, padding and shape, on this one function;
+            # its default limit of 8 is soon reached by a process training several models
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return _compiled_weight_grad(grad_out, x, kh, kw, pad)
         except Exception as e:  # whatever failed in compiling, aten's gradient is correct
             _compile_failed = True
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
