@@ -29,6 +29,7 @@ from torch import nn
 warnings.filterwarnings("ignore", message="Using padding='same' with even kernel lengths")
 
 from ..errors import ConfigError
+from .depthwise import DepthwiseConv2d
 
 __all__ = ["ConvMixer", "Residual", "ACTIVATIONS", "make_activation"]
 
@@ -167,7 +168,7 @@ class ConvMixer(nn.Module):
                 nn.Sequential(
                     Residual(
                         nn.Sequential(
-                            nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
+                            DepthwiseConv2d(dim, kernel_size, padding="same"),
                             act(),
                             nn.BatchNorm2d(dim),
                         )
