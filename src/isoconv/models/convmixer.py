@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .depthwise import DepthwiseConv2d
 
 __all__ = ["ConvMixer", "Residual", "ACTIVATIONS", "make_activation"]
 
@@ -163,7 +164,7 @@ class ConvMixer(nn.Module):
                 nn.Sequential(
                     Residual(
                         nn.Sequential(
-                            nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
+                            DepthwiseConv2d(dim, kernel_size, padding="same"),
                             act(),
                             nn.BatchNorm2d(dim),
                         )

@@ -23,6 +23,7 @@ from torchvision.ops import StochasticDepth
 
 from ..errors import ConfigError
 from .convmixer import canonical_activation, check_image_size, check_positive_int, make_activation
+from .depthwise import DepthwiseConv2d
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock", "ConvNeXtStage", "LayerNorm2d"]
 
@@ -44,7 +45,7 @@ class ConvNeXtBlock(nn.Module):
     def __init__(self, dim: int, kernel_size: int = 7, drop_path: float = 0.0, layer_scale_init: float = 1e-6,
                  activation: str = "gelu", drop_path_mode: str = "row") -> None:
         super().__init__()
-        self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv_dw = DepthwiseConv2d(dim, kernel_size, padding=kernel_size // 2)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.fc1 = nn.Linear(dim, 4 * dim)
         self.act = make_activation(activation)

@@ -1,0 +1,180 @@
+"""The depthwise convolution with the fast CPU backward (isoconv.models.depthwise) against aten in float64.
+
+The fp32/bf16 cases run the inductor-compiled weight gradient; they are limited to a few (dtype, kernel size,
+padding) combinations because each compiles once (seconds, then cached on disk)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from isoconv.models.depthwise import DepthwiseConv2d, depthwise_conv2d, resolve_padding, use_fast_depthwise
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def make_inputs(n: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, memory_format: torch.memory_format,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64).to(dtype).contiguous(memory_format=memory_format)
+    weight = torch.randn(c, 1, k, k, generator=gen, dtype=torch.float64).to(dtype)
+    bias = torch.randn(c, generator=gen, dtype=torch.float64).to(dtype)
+    return x, weight, bias
+
+
+def grads(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad_out_seed: int = 1,
+          grad_out_dtype: torch.dtype = torch.float64):
+    """(output, dx, dw, db) of fn(x, weight, bias) for a fixed random output gradient, rounded to grad_out_dtype."""
+    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    y = fn(x, weight, bias)
+    gen = torch.Generator().manual_seed(grad_out_seed)
+    y.backward(torch.randn(y.shape, generator=gen, dtype=torch.float64).to(grad_out_dtype).to(y.dtype))
+    return y.detach(), x.grad, weight.grad, bias.grad
+
+
+def aten(padding):
+    return lambda x, w, b: F.conv2d(x, w, b, padding=padding, groups=x.shape[1])
+
+
+def fast(padding):
+    return lambda x, w, b: depthwise_conv2d(x, w, b, padding)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_same_padding_matches_nn_conv2d(k):
+    conv = nn.Conv2d(2, 2, (k, k + 1), padding="same", groups=2)
+    left, right, top, bottom = conv._reversed_padding_repeated_twice
+    assert resolve_padding("same", (k, k + 1)) == (top, bottom, left, right)
+    assert resolve_padding(2, (k, k)) == (2, 2, 2, 2)
+    assert resolve_padding((1, 0), (k, k)) == (1, 1, 0, 0)
+
+
+@pytest.mark.parametrize("k, padding, n, fmt", [
+    (3, "same", 1, "contiguous"),
+    (4, "same", 2, "channels_last"),
+    (2, "same", 2, "contiguous"),
+    (3, 0, 2, "channels_last"),
+    (4, 2, 1, "contiguous"),
+])
+def test_gradcheck_float64(k, padding, n, fmt):
+    x, weight, bias = make_inputs(n, 3, 5, 6, k, torch.float64, FORMATS[fmt])
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(fast(padding), inputs)
+    # and the same values as aten, forward and all three gradients
+    for ours, ref in zip(grads(fast(padding), x, weight, bias), grads(aten(padding), x, weight, bias)):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+# Tolerances relative to the largest reference value: fp32 sums in fp32 (1e-5); bf16 rounds the inputs to
+# bf16 before the float64 reference sees them, so what is left is the bf16 rounding of each result (2^-8)
+# and fp32 accumulation error.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
+
+
+# One shape per (dtype, kernel size, padding): each is one compile.
+@pytest.mark.parametrize("dtype, k, padding, n, fmt", [
+    (torch.float32, 3, "same", 1, "contiguous"),
+    (torch.float32, 3, 1, 1, "channels_last"),
+    (torch.float32, 4, "same", 3, "channels_last"),
+    (torch.bfloat16, 3, "same", 3, "channels_last"),
+    (torch.bfloat16, 4, "same", 1, "contiguous"),
+])
+def test_low_precision_against_float64(dtype, k, padding, n, fmt):
+    x, weight, bias = make_inputs(n, 16, 12, 10, k, dtype, FORMATS[fmt])
+    ours = grads(fast(padding), x, weight, bias)
+    refs = grads(aten(padding), x.double(), weight.double(), bias.double(), grad_out_dtype=dtype)
+    names = ("output", "input grad", "weight grad", "bias grad")
+    for name, got, ref in zip(names, ours, refs):
+        assert got.dtype == dtype, name
+        err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+    assert ours[0].is_contiguous(memory_format=FORMATS[fmt])
+    assert ours[1].shape == x.shape
+
+
+def test_bf16_weight_grad_accumulates_in_fp32():
+    # exact bf16 inputs and fp32 sums leave only the final rounding to bf16 (at most 2^-8 relative) per weight;
+    # summed in bf16, the 360 terms per weight here end up as much as 80% off
+    x, weight, bias = make_inputs(3, 16, 12, 10, 3, torch.bfloat16, torch.channels_last, seed=3)
+    _, _, dw, _ = grads(fast("same"), x, weight, bias, grad_out_seed=4)
+    _, _, ref, _ = grads(aten("same"), x.double(), weight.double(), bias.double(), grad_out_seed=4,
+                         grad_out_dtype=torch.bfloat16)
+    assert ((dw.double() - ref).abs() / ref.abs()).max().item() <= 2 ** -8
+
+
+def test_autocast_bf16_matches_aten_autocast():
+    module = DepthwiseConv2d(16, 3).to(memory_format=torch.channels_last)
+    reference = nn.Conv2d(16, 16, 3, padding="same", groups=16)
+    reference.load_state_dict(module.state_dict())
+    x = torch.randn(3, 16, 12, 10).contiguous(memory_format=torch.channels_last)  # the shape compiled above
+    results = []
+    for conv in (module, reference):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(xi)
+        y.float().square().sum().backward()
+        results.append((y, xi.grad, conv.weight.grad, conv.bias.grad))
+    (y, dx, dw, db), (ref_y, ref_dx, ref_dw, ref_db) = results
+    assert y.dtype == ref_y.dtype == torch.bfloat16
+    assert y.grad_fn is not None and "isoconv" in type(y.grad_fn).__name__ + y.grad_fn.name()
+    torch.testing.assert_close(y, ref_y)
+    assert dw.dtype == torch.float32 and db.dtype == torch.float32  # the parameters stay fp32
+    for got, ref in ((dx, ref_dx), (dw, ref_dw), (db, ref_db)):
+        assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_module_is_a_conv2d_with_the_same_state_dict():
+    module = DepthwiseConv2d(6, 4, padding="same")
+    plain = nn.Conv2d(6, 6, 4, padding="same", groups=6)
+    assert isinstance(module, nn.Conv2d)
+    assert list(module.state_dict()) == list(plain.state_dict()) == ["weight", "bias"]
+    assert module.weight.shape == plain.weight.shape
+    module.load_state_dict(plain.state_dict(), strict=True)
+    plain.load_state_dict(module.state_dict(), strict=True)
+    assert list(DepthwiseConv2d(6, 3, bias=False).state_dict()) == ["weight"]
+
+
+def test_module_takes_the_fast_path_only_when_training_on_cpu():
+    module = DepthwiseConv2d(4, 3)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        inference = module.double()(x)
+    training = module(x.requires_grad_())
+    assert "isoconv" not in type(training.grad_fn).__name__  # float64: aten
+    module.float()
+    fast_out = module(x.float())
+    assert "isoconv" in type(fast_out.grad_fn).__name__
+    torch.testing.assert_close(training, inference)
+    assert use_fast_depthwise(torch.device("cpu"), torch.float32)
+    assert use_fast_depthwise(torch.device("cpu"), torch.bfloat16)
+    assert not use_fast_depthwise(torch.device("cpu"), torch.float64)
+    assert not use_fast_depthwise(torch.device("cuda"), torch.float32)
+    assert not use_fast_depthwise(torch.device("cuda"), torch.bfloat16)
+
+
+def test_without_a_cxx_compiler_the_weight_grad_falls_back_to_aten(tmp_path):
+    script = """
+import torch, torch.nn.functional as F
+from isoconv.models import depthwise
+x = torch.randn(2, 4, 7, 6, requires_grad=True)
+w = torch.randn(4, 1, 4, 4, requires_grad=True)
+depthwise.depthwise_conv2d(x, w, None, "same").square().sum().backward()
+xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+F.conv2d(xr, wr, None, padding="same", groups=4).square().sum().backward()
+assert depthwise._compile_failed
+assert (w.grad.double() - wr.grad).abs().max() < 1e-4 * wr.grad.abs().max()
+print("fell back")
+"""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               PYTHONPATH=str(SRC))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fell back" in proc.stdout
+    assert "torch.compile failed" in proc.stderr
