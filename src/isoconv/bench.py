@@ -30,14 +30,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torchvision
 
 from .config import TrainConfig
 from .errors import ConfigError
 from .fileio import atomic_write
+from .malloc_tuning import tune_allocator
 from .models import build_model
 from .models.flops import forward_flops
 from .rundir import RunDir
-from .runtime import PRECISIONS, autocast, cpu_name, resolve_device, resolve_precision
+from .runtime import PRECISIONS, SPEED_FLAGS, autocast, cpu_flags, cpu_name, resolve_device, resolve_precision
 from .train.loop import format_row, train
 from .train.setup import Training, build_training
 
@@ -84,9 +86,8 @@ def describe_device(device: torch.device) -> str:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    import torchvision
-
     return {"device": str(device), "device_name": describe_device(device), "threads": torch.get_num_threads(),
+            "cpu_flags": sorted(SPEED_FLAGS & cpu_flags()), "allocator": tune_allocator(),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
 
 
@@ -233,7 +234,9 @@ def run_bench(cfg: TrainConfig, *, models: list[str], amps: list[str], loaders: 
     matmul = {p: matmul_gflops(device, p, size) for p in precisions}
     machine = {**machine_info(device), "matmul_size": size, "matmul_gflops": matmul}
     log.info(f"{machine['device']} ({machine['device_name']}), {machine['threads']} threads, torch {machine['torch']}; "
-        f"{size}x{size} matmul: " + ", ".join(f"{p} {g:.3g} GFLOP/s" for p, g in matmul.items()))
+             f"CPU flags: {' '.join(machine['cpu_flags']) or 'none of ' + ' '.join(sorted(SPEED_FLAGS))}; "
+             f"allocator: {machine['allocator']}; {size}x{size} matmul: "
+             + ", ".join(f"{p} {g:.3g} GFLOP/s" for p, g in matmul.items()))
     rows = []
     for c in configs:
         row = bench_one(c, steps=steps, warmup=warmup, windows=windows, full_epoch=full_epoch)

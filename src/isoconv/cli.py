@@ -24,6 +24,7 @@ from .experiments.published import figures_text
 from .experiments.tracking import publish_tracked
 from .fileio import DISK_FULL
 from .interop.export import MATCH_TOLERANCE, export_target
+from .malloc_tuning import tune_allocator
 from .interop.predict import format_csv, format_json, format_table, predict_files
 from .models import list_models, model_info
 from .rundir import RunDir
@@ -292,6 +293,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Even kernels with padding="same" pad one more pixel on one side, exactly as timm and the paper's code do;
     # torch warns about the extra copy this costs on every forward pass, which users cannot act on.
     warnings.filterwarnings("ignore", message="Using padding='same' with even kernel lengths")
+    tune_allocator()  # glibc returns and re-faults large buffers every training step otherwise (up to 2x slower)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

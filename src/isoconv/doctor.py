@@ -30,6 +30,7 @@ from .data.dataset import ImageDataset
 from .errors import UserError
 from .fileio import atomic_write
 from .rundir import RunDir
+from .malloc_tuning import tune_allocator
 from .runtime import cpu_flags, cpu_name, cxx_compiler, resolve_device
 from .train import distributed as ddp
 from .train.loop import evaluate, restore, save_run_checkpoint
@@ -65,7 +66,7 @@ class Check:
 def allocator_info(device: torch.device) -> str:
     tuned = [f"{v}={os.environ[v]}" for v in MALLOC_VARS if os.environ.get(v)]
     preload = [lib for lib in ("jemalloc", "tcmalloc") if lib in os.environ.get("LD_PRELOAD", "")]
-    parts = tuned + [f"LD_PRELOAD {lib}" for lib in preload]
+    parts = [tune_allocator()] + tuned + [f"LD_PRELOAD {lib}" for lib in preload]
     if device.type == "cuda" and os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
         parts.append(f"PYTORCH_CUDA_ALLOC_CONF={os.environ['PYTORCH_CUDA_ALLOC_CONF']}")
     return ", ".join(parts) if parts else "not tuned"

@@ -68,6 +68,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+SPEED_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})  # what CPU speed depends on
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 instructions; without them bf16 autocast is 10-40x slower than fp32."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
