@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from isoconv.models import depthwise as depthwise_module
 from isoconv.models.depthwise import DepthwiseConv2d, depthwise_conv2d, resolve_padding, use_fast_depthwise
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -109,7 +110,8 @@ def test_bf16_weight_grad_accumulates_in_fp32():
     assert ((dw.double() - ref).abs() / ref.abs()).max().item() <= 2 ** -8
 
 
-def test_autocast_bf16_matches_aten_autocast():
+def test_autocast_bf16_matches_aten_autocast(monkeypatch):
+    monkeypatch.setattr(depthwise_module, "FAST_MIN_ELEMENTS", 1)  # this small input takes the fast path too
     module = DepthwiseConv2d(16, 3).to(memory_format=torch.channels_last)
     reference = nn.Conv2d(16, 16, 3, padding="same", groups=16)
     reference.load_state_dict(module.state_dict())
@@ -141,8 +143,11 @@ def test_module_is_a_conv2d_with_the_same_state_dict():
     assert list(DepthwiseConv2d(6, 3, bias=False).state_dict()) == ["weight"]
 
 
-def test_module_takes_the_fast_path_only_when_training_on_cpu():
+def test_module_takes_the_fast_path_only_when_training_on_cpu(monkeypatch):
     module = DepthwiseConv2d(4, 3)
+    small = module(torch.randn(1, 4, 6, 6, requires_grad=True))
+    assert "isoconv" not in type(small.grad_fn).__name__  # too small to pay for a compile: aten
+    monkeypatch.setattr(depthwise_module, "FAST_MIN_ELEMENTS", 1)
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         inference = module.double()(x)
@@ -154,6 +159,9 @@ def test_module_takes_the_fast_path_only_when_training_on_cpu():
     torch.testing.assert_close(training, inference)
     assert use_fast_depthwise(torch.device("cpu"), torch.float32)
     assert use_fast_depthwise(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.undo()
+    assert use_fast_depthwise(torch.device("cpu"), torch.float32, 128 * 256 * 16 * 16)  # cm-vanilla, batch 128
+    assert not use_fast_depthwise(torch.device("cpu"), torch.float32, 32 * 16 * 8 * 8)
     assert not use_fast_depthwise(torch.device("cpu"), torch.float64)
     assert not use_fast_depthwise(torch.device("cuda"), torch.float32)
     assert not use_fast_depthwise(torch.device("cuda"), torch.bfloat16)
