@@ -26,7 +26,7 @@ from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
 from .interop.export import MATCH_TOLERANCE, export_target
 from .interop.predict import format_csv, format_json, format_table, predict_files
 from .models import list_models, model_info
-from .rundir import RUNS_FOLDER, RunDir, check_output_folder
+from .rundir import RUNS_FOLDER, RunDir, check_output_folder, folders_to_create, remove_empty_folders
 from .train import train
 from .train import distributed as ddp
 from .weights import load_latest_checkpoint
@@ -204,8 +204,14 @@ def cmd_train(args) -> int:
     with same_on_every_process():  # before any data is read
         cfg = build_config(recipe, **overrides)
         ddp.check_batch_divides(cfg.batch_size, ddp.world_from_env().world_size)
-        check_output_folder(cfg.out or RUNS_FOLDER)
-    train(cfg)
+        out = RUNS_FOLDER if cfg.out is None else cfg.out
+        check_output_folder(out)
+    created = folders_to_create(out)
+    try:
+        train(cfg)
+    except BaseException:
+        remove_empty_folders(created)  # a failed run leaves neither its folder nor the ones made on the way
+        raise
     return 0
 
 
