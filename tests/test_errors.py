@@ -139,6 +139,8 @@ CASES = {
     "empty output path": (lambda t, d: ["train", *TINY, "--data-dir", str(d), "--out", ""], "--out is empty"),
     "JSON report into a folder": (lambda t, d: ["eval", str(t / "nothing"), "--json", str(t)],
                                   "is a folder; pass a file path"),
+    "JSON report into a missing folder": (lambda t, d: ["eval", str(t / "nothing"), "--json", str(t / "no" / "r.json")],
+                                         "does not exist; create it or pass another path"),
     "text file as a checkpoint": (lambda t, d: ["eval", str(text_file(t))],
                                   "report.txt is a text file, not a checkpoint; pass a run folder"),
     "image as a model": (lambda t, d: ["predict", str(png_file(t)), str(png_file(t))],

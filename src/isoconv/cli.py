@@ -184,16 +184,23 @@ def same_on_every_process():
         raise
 
 
-def check_output_file(path: str, flag: str) -> None:
-    """A file the command will write (--json PATH, export --output): its folder must exist and be writable."""
+def check_output_file(path: str, flag: str, parents_created: bool = False) -> None:
+    """A file the command will write (--json PATH, export --output): not a folder, and its folder writable (and
+    existing, unless the command creates it)."""
     p = Path(path)
+    if not path.strip():
+        raise UserError(f"{flag} is empty; pass a file path")
     if p.is_dir():
         raise UserError(f"{flag} {path} is a folder; pass a file path")
-    check_output_folder(p.parent if str(p.parent) else Path("."), flag, "file's folder")
+    if not parents_created and not p.parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {p.parent} does not exist; create it or pass another path")
+    check_output_folder(p.parent, flag, "file's folder")
 
 
 def cmd_train(args) -> int:
     overrides = settings_from_args(args)
+    if overrides.get("out"):  # `--out=~/runs/a` reaches us unexpanded
+        overrides["out"] = str(Path(overrides["out"]).expanduser())
     if args.resume:
         return resume_run(RunDir(args.resume), args, overrides)
     recipe = args.recipe
@@ -284,7 +291,7 @@ def cmd_export(args) -> int:
             raise UserError(f"--out {args.old_out} contradicts --output {output}: pass --output only")
         output = args.old_out
     if output is not None:
-        check_output_file(output, "--output")
+        check_output_file(output, "--output", parents_created=True)
     result = export_target(args.target, args.format, output, batch_size=batch_size)
     batch = "any batch size" if result.dynamic_batch else f"batch size {result.batch_size}"
     check = "" if args.format == "safetensors" else f"; max abs diff vs PyTorch {result.max_abs_diff:.1e}"
@@ -351,8 +358,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         rank = ddp.world_from_env().rank if getattr(e, "same_on_every_process", False) else 0
         if rank == 0:  # under torchrun every process found the same problem: rank 0 says it
             print(f"isoconv: error: {e}", file=sys.stderr, flush=True)
-        else:  # let rank 0 print and exit first: torchrun stops the others when one process exits
+        else:  # let rank 0 print and exit first: torchrun then stops this process before it says the same again
             time.sleep(PEER_EXIT_DELAY_S)
+            print(f"isoconv: error: (process {rank}) {e}", file=sys.stderr, flush=True)  # only this one saw it
         return 2
     except KeyboardInterrupt:
         print("isoconv: interrupted; continue with `isoconv train --resume RUN_DIR`", file=sys.stderr)
