@@ -141,6 +141,8 @@ CASES = {
                                   "is a folder; pass a file path"),
     "JSON report into a missing folder": (lambda t, d: ["eval", str(t / "nothing"), "--json", str(t / "no" / "r.json")],
                                          "does not exist; create it or pass another path"),
+    "predictions over an image": (lambda t, d: ["predict", str(t / "run"), "--json", str(png_file(t)),
+                                                str(png_file(t))], "would overwrite a PNG image with the predictions"),
     "text file as a checkpoint": (lambda t, d: ["eval", str(text_file(t))],
                                   "report.txt is a text file, not a checkpoint; pass a run folder"),
     "image as a model": (lambda t, d: ["predict", str(png_file(t)), str(png_file(t))],

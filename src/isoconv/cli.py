@@ -20,7 +20,7 @@ import torch
 from .bench import run_bench, time_to_accuracy
 from .config import add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
 from .errors import Interrupted, UserError
-from .fileio import atomic_write
+from .fileio import atomic_write, describe_file
 from .eval.run import evaluate_target
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
 from .interop.export import MATCH_TOLERANCE, export_target
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PREDICT_FORMATS = ("table", "json", "csv")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEPRECATED_SWITCH = "\0switch"  # `predict --json` without a path: the old spelling of --format json
 
 
@@ -269,6 +270,10 @@ def cmd_predict(args) -> int:
         fmt = "csv"
     if json_path:
         check_output_file(json_path, "--json")
+        kind = describe_file(json_path) if Path(json_path).is_file() else None
+        if kind not in (None, "a text file", "an empty file") or Path(json_path).suffix.lower() in IMAGE_SUFFIXES:
+            raise UserError(f"--json {json_path} would overwrite {kind or 'an image'} with the predictions; --json takes "
+                            f"the JSON file to write (use --format json to print JSON)")
     result = predict_files(args.target, args.images, top_k=args.top_k, batch_size=args.batch_size,
                            tta_flip=args.tta == "flip", device=args.device)
     text = {"json": format_json, "csv": format_csv}.get(fmt or "table", format_table)(result)
