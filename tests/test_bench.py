@@ -10,7 +10,7 @@ import pytest
 from conftest import captured_logs
 import torch
 
-from isoconv import create_model
+from isoconv import bench, create_model, runtime
 from isoconv.bench import matmul_gflops, run_bench, time_to_accuracy
 from isoconv.cli import main
 from isoconv.config import build_config
@@ -18,7 +18,6 @@ from isoconv.errors import ConfigError
 from isoconv.models.flops import forward_flops
 from isoconv.train import train
 from isoconv.weights import load_checkpoint
-from isoconv import runtime
 from isoconv.runtime import compile_model
 from isoconv.train.setup import build_optimizer
 
@@ -87,6 +86,20 @@ def test_bench_table_and_json_side_by_side(data_root, tmp_path, capsys):
         assert r["epoch_speedup_vs_torchvision"] == pytest.approx(same["epoch_seconds"] / r["epoch_seconds"])
         assert r["compile_seconds"] is None and r["inference_compile_seconds"] is None
     assert by_key[("torchvision", "bf16")]["speedup_vs_torchvision"] == 1.0
+
+
+def test_bench_profile_shows_where_a_training_step_goes(data_root):
+    with captured_logs() as logged:
+        report = run_bench(tiny(data_root, train_subset=16, test_subset=8), models=["cm-cpu"], amps=["off"],
+                           loaders=["device"], steps=1, warmup=1, windows=1, matmul_size=64, profile=True)
+    (row,) = report["rows"]
+    ops = row["profile"]
+    assert 3 <= len(ops) <= bench.PROFILE_TOP + 1
+    assert sum(op["share"] for op in ops) == pytest.approx(1.0, abs=1e-6)
+    shares = [op["share"] for op in ops if op["operator"] != "(other)"]
+    assert shares == sorted(shares, reverse=True) and all(op["ms_per_step"] >= 0 for op in ops)
+    assert any("conv" in op["operator"] for op in ops)  # a ConvMixer step is mostly convolutions
+    assert any(line.strip().startswith("operator") and "share" in line for line in logged)
 
 
 def test_bench_with_compile_reports_compile_time(data_root, monkeypatch):

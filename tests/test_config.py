@@ -73,3 +73,13 @@ def test_model_overrides_map_to_constructor_names():
     cfg = TrainConfig(dim=128, patch=1, kernel=3, skip_period=2, activation="relu")
     assert cfg.model_overrides() == {"dim": 128, "kernel_size": 3, "patch_size": 1, "activation": "relu",
                                      "skip_period": 2}
+
+
+def test_defaults_learn_at_any_length_and_recipes_set_their_own_schedule_and_batch():
+    from isoconv.config import list_recipes, load_recipe
+
+    cfg = build_config(model="cm-cpu", epochs=2)
+    assert (cfg.schedule, cfg.batch_size) == ("onecycle-frac", 128)
+    for name in list_recipes():  # a recipe's behaviour must not depend on the defaults above
+        recipe = load_recipe(name)
+        assert "schedule" in recipe and "batch_size" in recipe, name

@@ -67,6 +67,32 @@ def corrupt_checkpoint(tmp):
     return p
 
 
+def text_file(tmp):
+    p = tmp / "report.txt"
+    p.write_text("              precision    recall  f1-score   support\n")
+    return p
+
+
+def png_file(tmp):
+    from PIL import Image
+
+    p = tmp / "cat.png"
+    Image.new("RGB", (8, 8)).save(p)
+    return p
+
+
+def plain_pickle(tmp):
+    p = tmp / "weights.pkl"
+    p.write_bytes(pickle.dumps({"model": {"w": [1.0, 2.0]}, "config": {}}))
+    return p
+
+
+def existing_file(tmp):
+    p = tmp / "notes.txt"
+    p.write_text("keep me\n")
+    return p
+
+
 # name -> (argv builder (tmp, data_root) -> list, fragment of the one-line message)
 CASES = {
     "unknown model": (lambda t, d: ["train", "--model", "cm-vanila"],
@@ -104,6 +130,27 @@ CASES = {
                                "neither a run directory nor a checkpoint file"),
     "corrupt checkpoint": (lambda t, d: ["eval", str(corrupt_checkpoint(t))], "is truncated"),
     "malicious checkpoint": (lambda t, d: ["eval", str(evil_checkpoint(t))], "Unsupported global: GLOBAL "),
+    "output folder is a file": (lambda t, d: ["train", *TINY, "--data-dir", str(d), "--out", str(existing_file(t))],
+                                "is an existing file, not a folder; pass --out a folder path"),
+    "output folder under a file": (lambda t, d: ["train", *TINY, "--data-dir", str(d), "--out",
+                                                 str(existing_file(t) / "run")], "is a file, not a folder"),
+    "output name too long": (lambda t, d: ["train", *TINY, "--data-dir", str(d), "--out", str(t / ("x" * 300))],
+                             "longer than the file system allows"),
+    "empty output path": (lambda t, d: ["train", *TINY, "--data-dir", str(d), "--out", ""], "--out is empty"),
+    "JSON report into a folder": (lambda t, d: ["eval", str(t / "nothing"), "--json", str(t)],
+                                  "is a folder; pass a file path"),
+    "JSON report into a missing folder": (lambda t, d: ["eval", str(t / "nothing"), "--json", str(t / "no" / "r.json")],
+                                         "does not exist; create it or pass another path"),
+    "predictions over an image": (lambda t, d: ["predict", str(t / "run"), "--json", str(png_file(t)),
+                                                str(png_file(t))], "would overwrite a PNG image with the predictions"),
+    "text file as a checkpoint": (lambda t, d: ["eval", str(text_file(t))],
+                                  "report.txt is a text file, not a checkpoint; pass a run folder"),
+    "image as a model": (lambda t, d: ["predict", str(png_file(t)), str(png_file(t))],
+                         "cat.png is a PNG image, not a checkpoint"),
+    "plain pickle as a checkpoint": (lambda t, d: ["eval", str(plain_pickle(t))],
+                                     "weights.pkl is a plain pickle (pickle.dump), not a checkpoint"),
+    "text file as pretrained weights": (lambda t, d: ["train", *TINY, "--data-dir", str(d), "--pretrained",
+                                                      str(text_file(t))], "report.txt is a text file, not a weights"),
 }
 
 
@@ -121,6 +168,25 @@ def test_bad_input_gives_one_line_and_exit_2(name, tmp_path, data_root, capsys):
     assert len(lines) == 1 and lines[0].startswith("isoconv: error: "), err
     assert fragment in lines[0], lines[0]
     assert not out_dir.exists()  # nothing half-written
+    if name.startswith("output folder"):
+        assert (tmp_path / "notes.txt").read_text() == "keep me\n"
+
+
+def test_read_only_output_location(tmp_path, data_root, capsys, monkeypatch):
+    """A read-only file system or folder (root ignores folder permissions, so the OS refusal is simulated)."""
+    import errno
+    import tempfile
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    out = tmp_path / "ro" / "run"
+    assert main(["train", *TINY, "--data-dir", str(data_root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"isoconv: error: --out {out} cannot be written: {tmp_path} is not writable (read-only file "
+                   f"system); pass --out a folder path in a writable location"), err
+    assert not (tmp_path / "ro").exists()
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tmp_path, data_root, capsys, monkeypatch):
@@ -138,5 +204,7 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, data_root, capsys, mon
 
 def test_every_case_is_documented():
     doc = (REPO / "docs" / "errors.md").read_text()
-    for name in [*CASES, "out of memory", "full disk", "non-finite loss", "corrupt last checkpoint on resume"]:
+    for name in [*CASES, "out of memory", "full disk", "non-finite loss", "corrupt last checkpoint on resume",
+                 "read-only output location", "batch size not divisible by the processes", "closed output pipe",
+                 "failed download"]:
         assert f"| {name} |" in doc, f"docs/errors.md has no row for {name!r}"

@@ -2,6 +2,7 @@
 clean line and exit code 2 — never a traceback, never a run directory left behind by a failed run."""
 import contextlib
 import io
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -36,6 +37,12 @@ FLAGS = {
     "--test-split": ([None, "full", "half"], []),
 }
 SWITCHES = ["--no-aug", "--no-hflip", "--no-channels-last", "--skip-nonfinite"]
+# paths made in each example's scratch folder: @run (a fresh run folder, the valid default), output paths that
+# cannot be a run folder, and files of the wrong type where weights are expected
+PATH_FLAGS = {
+    "--out": (["@run", "@fresh/deeper/run"], ["@notes.txt", "@notes.txt/run", "@" + "x" * 300, ""]),
+    "--pretrained": ([None], ["@notes.txt", "@cat.png", "@plain.pkl", "@missing.pt"]),
+}
 
 
 CONVMIXER_FLAGS = {
@@ -63,19 +70,34 @@ def train_argv(draw):
         value = draw(st.sampled_from(invalid if bad else valid))
         if value is not None:
             argv += [flag, str(value)]
+    for flag, (valid, invalid) in PATH_FLAGS.items():
+        bad = draw(st.integers(0, 9)) == 9
+        value = draw(st.sampled_from(invalid if bad else valid))
+        if value is not None:
+            argv += [flag, value]
     for switch in SWITCHES:
         if draw(st.booleans()):
             argv.append(switch)
     return argv
 
 
+def scratch_files(tmp: Path) -> None:
+    from PIL import Image
+
+    (tmp / "notes.txt").write_text("keep me\n")
+    Image.new("RGB", (8, 8)).save(tmp / "cat.png")
+    (tmp / "plain.pkl").write_bytes(pickle.dumps({"model": {}, "config": {}}))
+
+
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(argv=train_argv())
 def test_any_flag_combination_trains_or_fails_cleanly(argv, data_root):
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
+        scratch_files(Path(tmp))
+        argv = [str(Path(tmp) / a[1:]) if a.startswith("@") else a for a in argv]
+        out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else Path(tmp) / "run"
         full = ["train", *argv, "--epochs", "1", "--train-subset", "32", "--test-subset", "16", "--workers", "0",
-                "--data-dir", str(data_root), "--device", "cpu", "--out", str(out)]
+                "--data-dir", str(data_root), "--device", "cpu"]
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = main(full)  # any exception other than a clean error propagates and fails the test
@@ -86,4 +108,7 @@ def test_any_flag_combination_trains_or_fails_cleanly(argv, data_root):
             lines = [line for line in err.getvalue().splitlines() if line.strip()]
             assert code == 2, err.getvalue()
             assert len(lines) == 1 and lines[0].startswith("isoconv: error: "), err.getvalue()
-            assert not out.exists(), f"a failed run left {sorted(p.name for p in out.iterdir())}"
+            assert out == Path(tmp) / "notes.txt" or not out.exists() or not out.is_dir() or \
+                out == Path(""), f"a failed run left {sorted(p.name for p in out.iterdir())}"
+            assert not (Path(tmp) / "fresh").exists()  # folders on the way to a failed run's folder are not made
+            assert (Path(tmp) / "notes.txt").read_text() == "keep me\n"

@@ -96,7 +96,7 @@ def test_missing_input_is_named_and_skipped(run_dir, images, capsys):
 
 
 def test_json_output_parses_and_matches_the_model(run_dir, images, capsys):
-    code, out, _ = run_cli(["predict", str(run_dir), str(images / "photos"), "--json", "--top-k", "4"], capsys)
+    code, out, _ = run_cli(["predict", str(run_dir), str(images / "photos"), "--format", "json", "--top-k", "4"], capsys)
     assert code == 1
     doc = json.loads(out)
     assert [s["file"] for s in doc["skipped"]] == [str(images / "photos/broken.png")]
@@ -115,7 +115,7 @@ def test_json_output_parses_and_matches_the_model(run_dir, images, capsys):
 
 
 def test_csv_output_parses(run_dir, images, capsys):
-    code, out, _ = run_cli(["predict", str(run_dir), str(images / "extra"), str(images / "photos/a.png"), "--csv",
+    code, out, _ = run_cli(["predict", str(run_dir), str(images / "extra"), str(images / "photos/a.png"), "--format", "csv",
                             "--top-k", "2"], capsys)
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
@@ -125,7 +125,7 @@ def test_csv_output_parses(run_dir, images, capsys):
 
 def test_flip_tta_averages_plain_and_mirrored_softmax(run_dir, images, capsys):
     path = str(images / "extra/d.png")
-    code, out, _ = run_cli(["predict", str(run_dir), path, "--json", "--tta", "flip", "--top-k", "10"], capsys)
+    code, out, _ = run_cli(["predict", str(run_dir), path, "--format", "json", "--tta", "flip", "--top-k", "10"], capsys)
     assert code == 0
     got = {t["index"]: t["probability"] for t in json.loads(out)["predictions"][0]["top"]}
     model, preprocess = isoconv.load(run_dir)
@@ -158,8 +158,8 @@ def test_preprocess_resizes_like_the_decoder_for_paths_pil_and_tensors(run_dir, 
                                       ("torchscript", "model.pt")])
 def test_exported_file_alone_predicts_like_the_run(run_dir, images, fmt, name, tmp_path, capsys):
     exported = export_target(run_dir, fmt, tmp_path / "elsewhere" / name).path
-    _, from_run, _ = run_cli(["predict", str(run_dir), str(images / "photos"), "--json"], capsys)
-    code, from_file, _ = run_cli(["predict", str(exported), str(images / "photos"), "--json"], capsys)
+    _, from_run, _ = run_cli(["predict", str(run_dir), str(images / "photos"), "--format", "json"], capsys)
+    code, from_file, _ = run_cli(["predict", str(exported), str(images / "photos"), "--format", "json"], capsys)
     assert code == 1
     run_preds, file_preds = json.loads(from_run)["predictions"], json.loads(from_file)["predictions"]
     assert [p["top"][0]["class"] for p in file_preds] == [p["top"][0]["class"] for p in run_preds]
@@ -217,7 +217,7 @@ def test_predict_runs_in_the_training_precision(run_dir, images, tmp_path, capsy
     save_checkpoint({**state, "config": {**state["config"], "amp": "bf16"}}, bf16_run / "last.pt")
     model, preprocess = isoconv.load(bf16_run)
     files = [images / name for name in GOOD[:3]]
-    code, out, _ = run_cli(["predict", str(bf16_run), *map(str, files), "--json", "--top-k", "1"], capsys)
+    code, out, _ = run_cli(["predict", str(bf16_run), *map(str, files), "--format", "json", "--top-k", "1"], capsys)
     assert code == 0
     got = [p["top"][0]["probability"] for p in json.loads(out)["predictions"]]
     batch = torch.stack([preprocess.image_to_uint8(f) for f in files])

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torchvision
+from torch.profiler import ProfilerActivity, profile
 
 from .config import TrainConfig
 from .errors import ConfigError
@@ -39,7 +40,8 @@ from .malloc_tuning import tune_allocator
 from .models import build_model
 from .models.flops import forward_flops
 from .rundir import RunDir
-from .runtime import PRECISIONS, SPEED_FLAGS, autocast, cpu_flags, cpu_name, resolve_device, resolve_precision
+from .runtime import (PRECISIONS, SPEED_FLAGS, autocast, cpu_flags, cpu_name, resolve_device, resolve_precision,
+                      synchronize)
 from .train.loop import format_row, train
 from .train.setup import Training, build_training
 
@@ -148,7 +150,39 @@ def full_epoch_seconds(t: Training) -> float:
     return timed(one_epoch)
 
 
-def bench_one(cfg: TrainConfig, *, steps: int, warmup: int, windows: int, full_epoch: bool = False) -> dict[str, Any]:
+PROFILE_TOP = 15
+
+
+def profile_steps(t: Training, steps: int) -> list[dict[str, Any]]:
+    """The operators of `steps` training steps by self time (torch.profiler): name, ms per step, share of the step,
+    most expensive first (the PROFILE_TOP largest, then the rest summed as "(other)")."""
+    batches = Batches(t.loader)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if t.device.type == "cuda" else [])
+    t.step.model.train()
+    t.step(*batches.next())  # warm caches and (with --compile) compile outside the profile
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            t.step(*batches.next())
+        synchronize(t.device)
+    key = "self_device_time_total" if t.device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    rows = [{"operator": e.key, "ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total}
+            for e in events[:PROFILE_TOP]]
+    rest = sum(getattr(e, key) for e in events[PROFILE_TOP:])
+    if rest:
+        rows.append({"operator": "(other)", "ms_per_step": rest / 1e3 / steps, "share": rest / total})
+    return rows
+
+
+def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
+    width = max(len(r["operator"]) for r in rows)
+    return [f"  {'operator':<{width}}  {'ms/step':>9}  {'share':>6}"] + [
+        f"  {r['operator']:<{width}}  {r['ms_per_step']:>9.1f}  {100 * r['share']:>5.1f}%" for r in rows]
+
+
+def bench_one(cfg: TrainConfig, *, steps: int, warmup: int, windows: int, full_epoch: bool = False,
+              profile: bool = False) -> dict[str, Any]:
     """One row: training and inference images/s for cfg (model, loader, amp, batch size) and what follows."""
     if cfg.compile:  # every row compiles from scratch: its own compile time, and no recompile limit reached
         torch._dynamo.reset()
@@ -158,6 +192,7 @@ def bench_one(cfg: TrainConfig, *, steps: int, warmup: int, windows: int, full_e
     train_rate = training_rate(t, steps=steps, warmup=warmup, windows=windows)
     infer_rate, first_inference = inference_rate(t, steps=steps, warmup=warmup, windows=windows)
     epoch_seconds = full_epoch_seconds(t) if full_epoch else None
+    top_ops = profile_steps(t, steps) if profile else None
     flops = forward_flops(t.model, t.train_ds.image_size)
     n = len(t.train_ds)
     return {"model": cfg.model, "loader": cfg.loader, "amp": t.precision, "batch_size": cfg.batch_size,
@@ -168,7 +203,8 @@ def bench_one(cfg: TrainConfig, *, steps: int, warmup: int, windows: int, full_e
             "inference_gflops_per_second": flops * infer_rate / 1e9,
             "compile_seconds": t.step.compile_seconds,
             "inference_compile_seconds": (max(0.0, first_inference - cfg.batch_size / infer_rate) if cfg.compile
-                                          else None)}
+                                          else None),
+            "profile": top_ops}
 
 
 def add_comparisons(rows: list[dict], matmul: dict[str, float]) -> None:
@@ -222,7 +258,7 @@ def bench_configs(cfg: TrainConfig, models: list[str], amps: list[str], loaders:
 
 def run_bench(cfg: TrainConfig, *, models: list[str], amps: list[str], loaders: list[str], steps: int = 5,
               warmup: int = 2, windows: int = 3, full_epoch: bool = False, matmul_size: Optional[int] = None,
-              json_path: Optional[Path] = None) -> dict[str, Any]:
+              json_path: Optional[Path] = None, profile: bool = False) -> dict[str, Any]:
     """Every model x loader x precision; returns (and writes as JSON) {"machine": ..., "rows": [...]}."""
     for name, value, least in (("--steps", steps, 1), ("--windows", windows, 1), ("--warmup", warmup, 0)):
         if value < least:
@@ -239,10 +275,15 @@ def run_bench(cfg: TrainConfig, *, models: list[str], amps: list[str], loaders: 
              + ", ".join(f"{p} {g:.3g} GFLOP/s" for p, g in matmul.items()))
     rows = []
     for c in configs:
-        row = bench_one(c, steps=steps, warmup=warmup, windows=windows, full_epoch=full_epoch)
+        row = bench_one(c, steps=steps, warmup=warmup, windows=windows, full_epoch=full_epoch, profile=profile)
         rows.append(row)
         log.info(f"  {row['model']} {row['loader']} {row['amp']}: train {row['train_images_per_second']:.1f} img/s, "
-            f"inference {row['inference_images_per_second']:.1f} img/s")
+                 f"inference {row['inference_images_per_second']:.1f} img/s")
+        if row["profile"]:
+            log.info(f"  where a training step's time goes ({row['model']} {row['loader']} {row['amp']}, "
+                     f"self time by operator):")
+            for line in profile_lines(row["profile"]):
+                log.info(line)
     add_comparisons(rows, matmul)
     log.info(table_header())
     for row in rows:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +21,7 @@ from .bench import run_bench, time_to_accuracy
 from .doctor import run_doctor
 from .config import add_setting_flags, build_config, config_differences, list_recipes, load_recipe, settings_from_args
 from .errors import Interrupted, UserError
+from .fileio import atomic_write, describe_file
 from .eval.run import evaluate_target
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
 from .experiments.published import figures_text
@@ -27,8 +31,9 @@ from .interop.export import MATCH_TOLERANCE, export_target
 from .malloc_tuning import tune_allocator
 from .interop.predict import format_csv, format_json, format_table, predict_files
 from .models import list_models, model_info
-from .rundir import RunDir
+from .rundir import RUNS_FOLDER, RunDir, check_output_folder, folders_to_create, remove_empty_folders
 from .train import train
+from .train import distributed as ddp
 from .weights import load_latest_checkpoint
 
 CPU_RECIPE = "cpu-quick"
@@ -75,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine's GFLOP/s (default 1024 on a CPU, 8192 on a GPU)")
     p.add_argument("--time-to-accuracy", type=float, metavar="TOP1", help="train the recipe instead and report "
                    "when test top-1 first reached TOP1 (a fraction, e.g. 0.925)")
+    p.add_argument("--profile", action="store_true", help="also print the top operators of a training step by "
+                   "time share (torch.profiler), per row")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     add_setting_flags(p)  # --batch-size (default 128 without a recipe), --data-dir, --device, --compile, ...
     add_experiment_parsers(sub)  # ablate, report
@@ -94,20 +101,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--tta", choices=["flip"], help="test-time augmentation: average with the mirrored image")
     p.add_argument("--device", default="auto")
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    fmt.add_argument("--csv", action="store_true", help="print CSV (file,rank,class,index,probability)")
+    p.add_argument("--format", choices=PREDICT_FORMATS, help="what stdout shows: a table (default), JSON or CSV "
+                   "(file,rank,class,index,probability)")
+    p.add_argument("--json", metavar="PATH", nargs="?", const=DEPRECATED_SWITCH,
+                   help="also write the predictions as JSON to PATH (as in eval and bench)")
+    p.add_argument("--csv", action="store_true", help=argparse.SUPPRESS)  # old spelling of --format csv
     p = sub.add_parser("export", help="export a run's model as ONNX, TorchScript or safetensors (config inside)")
     p.add_argument("target", metavar="RUN_DIR", help="run directory, checkpoint or isoconv .safetensors file")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
-    p.add_argument("--out", metavar="FILE", help="output file (default: model.onnx, model.torchscript.pt or "
+    p.add_argument("--output", metavar="FILE", help="output file (default: model.onnx, model.torchscript.pt or "
                    "model.safetensors next to the weights)")
+    p.add_argument("--out", dest="old_out", metavar="FILE", help=argparse.SUPPRESS)  # old spelling of --output
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="ONNX: fix the batch size to N (default: any batch size)")
     p.add_argument("--static-batch", action="store_true", help="ONNX: fix the batch size (to --batch-size, default 1)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="ONNX: any batch size (the default; kept for older command lines)")
     return parser
+
+
+PREDICT_FORMATS = ("table", "json", "csv")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEPRECATED_SWITCH = "\0switch"  # `predict --json` without a path: the old spelling of --format json
+
+
+def deprecated(old: str, new: str) -> None:
+    print(f"isoconv: note: {old} is deprecated and will be removed; use {new}", file=sys.stderr)
 
 
 BENCH_BATCH = 128  # without a recipe: a batch every machine fits
@@ -122,6 +141,8 @@ def cmd_bench(args) -> int:
 
     overrides = settings_from_args(args)
     json_path = Path(args.json) if args.json else None
+    if args.json:
+        check_output_file(args.json, "--json")
     if args.time_to_accuracy is not None:
         for flag, value in (("--models", args.models), ("--amps", args.amps), ("--loaders", args.loaders),
                             ("--epoch-images", args.epoch_images), ("--full-epoch", args.full_epoch or None)):
@@ -143,7 +164,7 @@ def cmd_bench(args) -> int:
               amps=split(args.amps or args.amp or "off,bf16", "--amps"),
               loaders=split(args.loaders or args.loader or "device,torchvision", "--loaders"),
               steps=args.steps, warmup=args.warmup, windows=args.windows, full_epoch=args.full_epoch,
-              matmul_size=args.matmul_size, json_path=json_path)
+              matmul_size=args.matmul_size, json_path=json_path, profile=args.profile)
     return 0
 
 
@@ -176,8 +197,34 @@ def default_recipe() -> str:
     return GPU_RECIPE if torch.cuda.is_available() else CPU_RECIPE
 
 
+@contextmanager
+def same_on_every_process():
+    """Checks whose outcome is the same in every torchrun process (settings, paths): a UserError raised inside is
+    printed by rank 0 only (see main)."""
+    try:
+        yield
+    except UserError as e:
+        e.same_on_every_process = True
+        raise
+
+
+def check_output_file(path: str, flag: str, parents_created: bool = False) -> None:
+    """A file the command will write (--json PATH, export --output): not a folder, and its folder writable (and
+    existing, unless the command creates it)."""
+    p = Path(path)
+    if not path.strip():
+        raise UserError(f"{flag} is empty; pass a file path")
+    if p.is_dir():
+        raise UserError(f"{flag} {path} is a folder; pass a file path")
+    if not parents_created and not p.parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {p.parent} does not exist; create it or pass another path")
+    check_output_folder(p.parent, flag, "file's folder")
+
+
 def cmd_train(args) -> int:
     overrides = settings_from_args(args)
+    if overrides.get("out"):  # `--out=~/runs/a` reaches us unexpanded
+        overrides["out"] = str(Path(overrides["out"]).expanduser())
     if args.resume:
         return resume_run(RunDir(args.resume), args, overrides)
     recipe = args.recipe
@@ -185,7 +232,17 @@ def cmd_train(args) -> int:
         recipe = default_recipe()
         print(f"no --recipe or --model given: training the default recipe {recipe!r} for this hardware "
               f"(`isoconv recipes` lists the others)")
-    publish_tracked(train(build_config(recipe, **overrides)))  # --track: summary, plots, run folder
+    with same_on_every_process():  # before any data is read
+        cfg = build_config(recipe, **overrides)
+        ddp.check_batch_divides(cfg.batch_size, ddp.world_from_env().world_size)
+        out = RUNS_FOLDER if cfg.out is None else cfg.out
+        check_output_folder(out)
+    created = folders_to_create(out)
+    try:
+        publish_tracked(train(cfg))  # --track: summary, plots, run folder
+    except BaseException:
+        remove_empty_folders(created)  # a failed run leaves neither its folder nor the ones made on the way
+        raise
     return 0
 
 
@@ -224,20 +281,39 @@ def resume_run(run: RunDir, args, overrides: dict) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.json:
+        check_output_file(args.json, "--json")
     report = evaluate_target(Path(args.target), data_dir=args.data_dir, download=args.download,
                              test_subset=args.test_subset, tta=args.tta, device=args.device)
     print(report["report_text"])
     print(f"test top-1 {report['test_top1']:.4f}  top-5 {report['test_top5']:.4f}  on {report['test_images']} images")
     if args.json:
         data = {k: v for k, v in report.items() if k != "report_text"}
-        Path(args.json).write_text(json.dumps(data, indent=2))
+        atomic_write(args.json, json.dumps(data, indent=2))
     return 0
 
 
 def cmd_predict(args) -> int:
+    fmt, json_path = args.format, args.json
+    if json_path == DEPRECATED_SWITCH:  # `--json` alone: print JSON, as before
+        deprecated("predict --json without a path", "--format json (or --json PATH to write a file)")
+        json_path, fmt = None, fmt or "json"
+    if args.csv:
+        deprecated("predict --csv", "--format csv")
+        if fmt not in (None, "csv"):
+            raise UserError(f"--csv contradicts --format {fmt}: choose one")
+        fmt = "csv"
+    if json_path:
+        check_output_file(json_path, "--json")
+        kind = describe_file(json_path) if Path(json_path).is_file() else None
+        if kind not in (None, "a text file", "an empty file") or Path(json_path).suffix.lower() in IMAGE_SUFFIXES:
+            raise UserError(f"--json {json_path} would overwrite {kind or 'an image'} with the predictions; --json takes "
+                            f"the JSON file to write (use --format json to print JSON)")
     result = predict_files(args.target, args.images, top_k=args.top_k, batch_size=args.batch_size,
                            tta_flip=args.tta == "flip", device=args.device)
-    text = format_json(result) if args.json else format_csv(result) if args.csv else format_table(result)
+    text = {"json": format_json, "csv": format_csv}.get(fmt or "table", format_table)(result)
+    if json_path:
+        atomic_write(json_path, format_json(result) + "\n")
     if text:
         print(text)
     return 1 if result.skipped else 0
@@ -248,7 +324,15 @@ def cmd_export(args) -> int:
     if args.dynamic_batch and fixed:
         raise UserError("--dynamic-batch contradicts --static-batch/--batch-size: choose one")
     batch_size = (args.batch_size if args.batch_size is not None else 1) if fixed else None
-    result = export_target(args.target, args.format, args.out, batch_size=batch_size)
+    output = args.output
+    if args.old_out is not None:
+        deprecated("export --out", "--output FILE")
+        if output is not None and output != args.old_out:
+            raise UserError(f"--out {args.old_out} contradicts --output {output}: pass --output only")
+        output = args.old_out
+    if output is not None:
+        check_output_file(output, "--output", parents_created=True)
+    result = export_target(args.target, args.format, output, batch_size=batch_size)
     batch = "any batch size" if result.dynamic_batch else f"batch size {result.batch_size}"
     check = "" if args.format == "safetensors" else f"; max abs diff vs PyTorch {result.max_abs_diff:.1e}"
     print(f"wrote {result.path} ({args.format}, {batch}{check})")
@@ -301,14 +385,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     configure_logging()
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here at the latest, inside the handler below
+    except BrokenPipeError:
+        return closed_pipe()
     except Interrupted as e:  # a graceful stop on SIGINT/SIGTERM after a checkpoint: not an error
         print(f"isoconv: {e}", file=sys.stderr)
         return e.exit_code
     except UserError as e:
         if args.debug:
             raise
-        print(f"isoconv: error: {e}", file=sys.stderr)
+        rank = ddp.world_from_env().rank if getattr(e, "same_on_every_process", False) else 0
+        if rank == 0:  # under torchrun every process found the same problem: rank 0 says it
+            print(f"isoconv: error: {e}", file=sys.stderr, flush=True)
+        else:  # let rank 0 print and exit first: torchrun then stops this process before it says the same again
+            time.sleep(PEER_EXIT_DELAY_S)
+            print(f"isoconv: error: (process {rank}) {e}", file=sys.stderr, flush=True)  # only this one saw it
         return 2
     except KeyboardInterrupt:
         print("isoconv: interrupted; continue with `isoconv train --resume RUN_DIR`", file=sys.stderr)
@@ -326,6 +420,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print("isoconv: error: out of memory; lower --batch-size", file=sys.stderr)
         return 2
+
+
+PEER_EXIT_DELAY_S = 10.0
+
+
+def closed_pipe() -> int:
+    """stdout's reader went away (`isoconv models | head -1`): stop quietly, as Unix tools do. Python's recipe:
+    point stdout at devnull so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
 
 
 if __name__ == "__main__":

@@ -78,3 +78,36 @@ def append_line(path: Union[str, Path], line: str) -> None:
         f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+# magic bytes -> what a file that starts with them is, in messages ("report.png is a PNG image, not ...")
+_MAGICS = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+           (b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+           (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"), (b"7z\xbc\xaf", "a 7-Zip archive"))
+
+
+def describe_file(path: Union[str, Path]) -> Union[str, None]:
+    """What a file evidently is when it is not a PyTorch/zip/pickle file: "a text file", "a PNG image", "an empty
+    file", ...; None when it may be a weights file (a zip archive, a pickle, a checkpoint) or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WebP image"
+    for magic, what in _MAGICS:
+        if head.startswith(magic):
+            return what
+    if head.startswith((b"PK", b"\x80", b"ISOCONV-CKPT")):
+        return None  # zip (torch.save, TorchScript), pickle, isoconv 0.1 checkpoint
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start < len(head) - 4:  # not just a multi-byte character cut at the end of the sample
+                return None
+        return "a text file"
+    return None

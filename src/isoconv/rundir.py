@@ -14,9 +14,11 @@ Every file is written atomically (`isoconv.fileio`); metrics rows are appended a
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +36,79 @@ except ImportError:  # Windows: no advisory locks; two processes on one folder a
 
 CHECKPOINT_NAME = "last.pt"
 RUNS_FOLDER = Path("runs")
+
+
+def check_output_folder(path: Union[str, Path], flag: str = "--out", what: str = "run folder") -> Path:
+    """Raise a UserError (naming `flag` and the path) unless `path` can be (or already is) a writable folder.
+
+    Checked before any data is read, and without leaving anything behind: the folders that would be created are
+    not created here; a probe file in the deepest existing folder shows it can be written."""
+    text = str(path)
+    hint = f"pass {flag} a folder path in a writable location"
+    if not text.strip():
+        raise UserError(f"{flag} is empty; {hint}")
+    if "\x00" in text:
+        raise UserError(f"{flag} {text!r} contains a NUL character; {hint}")
+    path = Path(text).expanduser()
+    missing: list[str] = []
+    existing = path
+    try:
+        while not existing.exists():
+            if existing.is_symlink():
+                raise UserError(f"{flag} {text}: {existing} is a broken symbolic link; remove it or {hint}")
+            missing.append(existing.name)
+            if existing.parent == existing:
+                break
+            existing = existing.parent
+        if not existing.is_dir():
+            if existing == path:
+                raise UserError(f"{flag} {text} is an existing file, not a folder; {hint} (a {what} is created "
+                                f"there)")
+            raise UserError(f"{flag} {text} cannot be created: {existing} is a file, not a folder; {hint}")
+        for name in missing:
+            limit = _name_max(existing)
+            if len(os.fsencode(name)) > limit:
+                raise UserError(f"{flag} {text} cannot be created: the name {name[:40]}... is longer than "
+                                f"{limit} bytes; {hint}")
+        fd, probe = tempfile.mkstemp(prefix=".isoconv-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise UserError(f"{flag} {text} cannot be created: a name in it is longer than the file system allows; "
+                            f"{hint}") from None
+        reason = ("read-only file system" if e.errno == errno.EROFS else "permission denied"
+                  if e.errno in (errno.EACCES, errno.EPERM) else e.strerror or str(e))
+        where = existing if existing != path else path
+        raise UserError(f"{flag} {text} cannot be written: {where} is not writable ({reason}); {hint}") from None
+    except ValueError as e:
+        raise UserError(f"{flag} {text!r} is not a usable path ({e}); {hint}") from None
+    return path
+
+
+def folders_to_create(path: Union[str, Path]) -> list[Path]:
+    """The folders that writing into `path` would create (`path` first, then its missing parents)."""
+    path, missing = Path(path).expanduser(), []
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) as long as they are empty: what a failed run created on its way."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 class RunDir:

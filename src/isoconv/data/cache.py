@@ -118,6 +118,30 @@ class DatasetCache:
         return None
 
 
+class FailedLoadCleanup:
+    """`with FailedLoadCleanup(cache):` a load that ends in an error removes the cache files it wrote (and cache
+    folders it created that are left empty), so bad data leaves nothing behind."""
+
+    def __init__(self, cache: DatasetCache):
+        self.cache = cache
+
+    def __enter__(self) -> "FailedLoadCleanup":
+        self.folders = [loc.directory for loc in self.cache.locations()]
+        self.new_folders = [d for d in self.folders if not d.exists()]
+        self.before = set(self.cache.matching("*"))
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None or not issubclass(kind, UserError):
+            return
+        _remove([p for p in self.cache.matching("*") if p not in self.before])
+        for folder in self.new_folders:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
 def folder_writable(folder: Path) -> bool:
     """Writable, and for a folder whose mode has no write bit also read-only for root (a shared, protected dataset:
     root may write there, but should not)."""

@@ -117,6 +117,7 @@ def download_and_extract(url: str, md5: str, root: Path, folder: str, *, what: s
     root = Path(root)
     target = root / folder
     hint = f"put {folder} under a folder and pass --data-dir DIR or set ISOCONV_DATA"
+    created = _missing_folders(root)  # removed again if the download fails
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -126,11 +127,13 @@ def download_and_extract(url: str, md5: str, root: Path, folder: str, *, what: s
     try:
         fd, tmp_name = tempfile.mkstemp(dir=root, prefix=f".{archive_name}.", suffix=".part")
     except OSError as e:
+        _remove_empty(created)
         raise UserError(f"cannot write to data folder {root} ({e.strerror or e}); pass --data-dir DIR "
                         f"pointing to a writable folder, or set ISOCONV_DATA") from None
     out = os.fdopen(fd, "wb")
     archive = Path(tmp_name)
     extract_dir: Optional[Path] = None
+    done = False
     try:
         print(f"isoconv: downloading {what} from {url} to {root} ...", file=sys.stderr, flush=True)
         got = _fetch(url, out, what, hint)
@@ -154,12 +157,33 @@ def download_and_extract(url: str, md5: str, root: Path, folder: str, *, what: s
         except OSError:
             if not target.is_dir():  # lost a race with a concurrent download: theirs is fine
                 raise
+        done = True
         return target
     finally:
         out.close()
         archive.unlink(missing_ok=True)
         if extract_dir is not None:
             shutil.rmtree(extract_dir, ignore_errors=True)
+        if not done:
+            _remove_empty(created)
+
+
+def _missing_folders(folder: Path) -> List[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: List[Path]) -> None:
+    """Remove the folders a failed download created (deepest first), as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def folder_or_download(folder: Path, download: bool, dataset: str, fetch) -> Path:

@@ -9,13 +9,14 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError, UserError
+from .cache import DatasetCache, FailedLoadCleanup
 from .cifar import load_cifar10
 from .cifar100 import load_cifar100
 from .dataset import ImageDataset
 from .folder import load_folder
 from .root import resolve_data_root
 from .splits import Stats, select_test_split
-from .tinyimagenet import load_tiny_imagenet
+from .tinyimagenet import TINY_IMAGENET_FOLDER, load_tiny_imagenet
 
 DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "folder")
 SPLITS = ("train", "test")
@@ -78,6 +79,12 @@ def interleave_classes(ds: ImageDataset) -> ImageDataset:
     return ds.select(order)
 
 
+def decode_cache(dataset: str, root: Path) -> DatasetCache:
+    """The cache of decoded images (and statistics) of a dataset under the data root."""
+    folder = {"folder": root, "tiny-imagenet": root / TINY_IMAGENET_FOLDER}.get(dataset)
+    return DatasetCache(Path(root).expanduser() if folder is None else folder.expanduser(), dataset)
+
+
 def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm: Optional[Stats] = None):
     """(train, test) datasets for cfg, test on the device; train is None when train=False.
 
@@ -89,11 +96,12 @@ def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm: 
     opts = dict(download=cfg.download, label_type=cfg.label_type, image_size=cfg.image_size,
                 val_split=cfg.val_split, skip_bad_images=cfg.skip_bad_images)
     train_ds = None
-    if train:
-        train_ds = load_dataset(cfg.dataset, root, "train", **opts)
-        norm = (train_ds.mean, train_ds.std)
-        train_ds = train_ds.subset(cfg.train_subset)
-    test = load_dataset(cfg.dataset, root, "test", norm=norm, **opts)
+    with FailedLoadCleanup(decode_cache(cfg.dataset, root)):  # bad data: no cache of it is left behind
+        if train:
+            train_ds = load_dataset(cfg.dataset, root, "train", **opts)
+            norm = (train_ds.mean, train_ds.std)
+            train_ds = train_ds.subset(cfg.train_subset)
+        test = load_dataset(cfg.dataset, root, "test", norm=norm, **opts)
     test = replace(test, split_images=len(test))
     test = select_test_split(test, cfg.test_split)
     if cfg.pad_to:

@@ -9,6 +9,7 @@ import yaml
 
 from ..config import CONFIG_KEYS, add_setting_flags, settings_from_args, suggest
 from ..errors import ConfigError, Interrupted, UserError
+from ..rundir import check_output_folder
 from .ablate import ABLATE_FLAGS, default_sweep_dir, format_command, run_ablation
 from .launchers import DEFAULT_TIME_MIN, LAUNCHERS, LaunchOptions, parse_time
 from .report import write_report
@@ -73,7 +74,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in settings_from_args(args).items() if v is not None}
     overrides.update(parse_set(args.set))
     seeds = args.seeds if args.seeds is not None else spec.seeds
-    out = Path(args.out) if args.out else default_sweep_dir(spec)
+    out = Path(check_output_folder(args.out, "--out", "sweep folder")) if args.out is not None else \
+        default_sweep_dir(spec)
     only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     launch, launch_args = launch_options(args)
     command = format_command(args.spec, seeds=seeds, parallel=args.parallel, out=out, overrides=overrides,

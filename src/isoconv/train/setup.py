@@ -1,6 +1,7 @@
 """From a TrainConfig to the objects a run trains with: device, data, model, optimiser, batches and the step."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -19,6 +20,7 @@ from ..runtime import PRECISION_AMP, PRECISIONS, compile_model, configure_device
 from ..weights import load_pretrained_into
 from . import distributed as ddp
 from .distributed import SINGLE, Dist
+from .precision import choose_precision
 from .step import TrainStep
 
 
@@ -123,6 +125,10 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
         load_pretrained_into(model, cfg.pretrained)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    precision, why = choose_precision(cfg, model, device, batch=cfg.batch_size // dist.world_size,
+                                      image_size=train_ds.image_size, num_classes=train_ds.num_classes, dist=dist)
+    if why and dist.is_main:
+        logging.getLogger(__name__).info(f"precision: {why}")
     if dist.enabled and cfg.sync_bn:
         model = ddp.convert_sync_batchnorm(model, device)
     optimizer, scaler = build_optimizer(cfg, model, device, precision)

@@ -19,13 +19,15 @@ import pickle
 import re
 import shutil
 import struct
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import UserError
-from ..fileio import DISK_FULL, atomic_write, remove_stale_temporaries
+from ..fileio import DISK_FULL, atomic_write, describe_file, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,34 @@ def _refusal_reason(e: Exception) -> str:
     return next((line[:160] for line in lines if line), "unsupported content")
 
 
+# torch.save's pre-1.6 format starts with a pickled magic number (protocol 2, a long of 10 bytes)
+LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def check_weights_file(path: Path, what: str = "a checkpoint",
+                       hint: str = "pass a run folder or a .pt written by isoconv train") -> None:
+    """A UserError saying what `path` is when it evidently is not a torch.save file (text, an image, a plain
+    pickle), before torch is asked to read it."""
+    kind = describe_file(path)
+    if kind is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(LEGACY_TORCH_HEAD))
+        except OSError:
+            return
+        if head.startswith(b"\x80") and not head.startswith(LEGACY_TORCH_HEAD) and not zipfile.is_zipfile(path):
+            kind = "a plain pickle (pickle.dump)"
+    if kind is not None:
+        raise UserError(f"{path} is {kind}, not {what}; {hint}")
+
+
+def torch_load(source, map_location="cpu"):
+    """torch.load(weights_only=True) without torch's warnings about the pickle protocol of foreign files."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(source, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -144,14 +174,16 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
         data = path.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if not data.startswith(MAGIC):
+        check_weights_file(path)
     payload = _decode(path, data)
     try:
-        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+        state = torch_load(io.BytesIO(payload), map_location=map_location)
     except pickle.UnpicklingError as e:
         raise UserError(f"refusing to load {path}: it holds objects other than tensors and plain data "
                         f"({_refusal_reason(e)}); nothing in it was run; only load checkpoints you trust and that "
                         f"isoconv wrote") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise CorruptCheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
                                      f"delete it or resume from another run") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

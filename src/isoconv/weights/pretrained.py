@@ -150,15 +150,17 @@ def load_torch_file(path: Path) -> Any:
         head = f.read(64)
     if magic and head.startswith(magic):
         return checkpoint_module.load_checkpoint(path)
+    checkpoint_module.check_weights_file(path, "a weights file", "pass a run folder, an isoconv checkpoint, a "
+                                         ".safetensors file or a torch.save state dict")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return checkpoint_module.torch_load(path)
     except pickle.UnpicklingError as e:
         match = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if match:  # a pickled class or function (a whole module, an optimizer...), refused by weights_only
             raise UserError(f"refusing to load {path}: it holds a {match.group(1)} object, not only tensors and "
                             f"plain data; save its state_dict() with torch.save and pass that file") from None
         raise UserError(f"cannot read {path} as a PyTorch weights file (not a torch.save file, or corrupt)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise UserError(f"cannot read {path} as a PyTorch weights file ({type(e).__name__}); the file is truncated "
                         f"or not a torch.save file") from None
 
