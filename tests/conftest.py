@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from isoconv.cli import configure_logging
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ISOCONV_TEST_DATA", REPO.parent / "shared" / "data"))
 
@@ -20,6 +22,23 @@ def _require(path: Path) -> Path:
             pytest.fail(msg)  # never skip in CI
         pytest.skip(msg)
     return path
+
+
+@pytest.fixture(autouse=True)
+def console_logging():
+    """isoconv's log records reach stdout/stderr as the CLI shows them, whether a test calls the CLI or a library
+    function (so capsys sees the same lines in any test order)."""
+    configure_logging()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Caches the tests write (decoded images, checksums, --amp auto measurements) go to a temporary folder, not to
+    the user's ~/.cache; tests about cache locations unset or change $ISOCONV_CACHE themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get("ISOCONV_CACHE"):
+            mp.setenv("ISOCONV_CACHE", str(tmp_path_factory.mktemp("isoconv-cache-session")))
+        yield
 
 
 @pytest.fixture(scope="session")
