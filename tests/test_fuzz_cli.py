@@ -89,7 +89,7 @@ def scratch_files(tmp: Path) -> None:
     (tmp / "plain.pkl").write_bytes(pickle.dumps({"model": {}, "config": {}}))
 
 
-@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(argv=train_argv())
 def test_any_flag_combination_trains_or_fails_cleanly(argv, data_root):
     with tempfile.TemporaryDirectory() as tmp:
