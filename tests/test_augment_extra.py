@@ -239,3 +239,37 @@ def test_erase_options_in_batch_augment():
     # const mode still erases to 0
     const = BatchAugment(image_size=32, mean=MEAN, std=STD, **dict(ALL_OFF, reprob=1.0))
     assert (const(x, gen(0)) == 0).all(dim=1).any()
+
+
+# ---------------------------------------------------------------------------------------------- RRC aspect ratio
+
+def test_aspect_crop_boxes_follow_torchvision_random_resized_crop():
+    """crop_ratio R samples boxes as RandomResizedCrop(scale, ratio=(1/R, R)): valid boxes, and the same
+    distribution of box area and aspect as torchvision's own get_params (frequencies, 4,000 draws each)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from isoconv.augment.batched import sample_aspect_crop_boxes
+
+    n, size, scale, ratio = 4000, 32, 0.35, 4 / 3
+    top, left, h, w = sample_aspect_crop_boxes(n, size, size, scale, ratio, gen(0), torch.device("cpu"))
+    assert bool(((h >= 1) & (w >= 1) & (top >= 0) & (left >= 0) & (top + h <= size) & (left + w <= size)).all())
+    torch.manual_seed(0)
+    ref = torch.tensor([RandomResizedCrop.get_params(torch.zeros(3, size, size), [scale, 1.0], [1 / ratio, ratio])
+                        for _ in range(n)])
+    ours_area, ref_area = (h * w).double() / size ** 2, (ref[:, 2] * ref[:, 3]).double() / size ** 2
+    ours_aspect, ref_aspect = (w / h).double().log(), (ref[:, 3] / ref[:, 2]).double().log()
+    assert abs(ours_area.mean() - ref_area.mean()) < 0.015
+    assert abs(ours_aspect.mean() - ref_aspect.mean()) < 0.02 and abs(ours_aspect.std() - ref_aspect.std()) < 0.02
+    assert (w != h).float().mean() > 0.5  # really non-square, unlike the default ratio 1
+
+
+def test_crop_ratio_one_keeps_square_crops_and_the_same_random_stream():
+    from isoconv.augment import BatchAugment
+
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen(1))
+    kw = dict(image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, ra_n=0, jitter=0.0, reprob=0.0)
+    a = BatchAugment(**kw)(images, gen(2))
+    b = BatchAugment(**kw, crop_ratio=1.0)(images, gen(2))
+    assert torch.equal(a, b)
+    c = BatchAugment(**kw, crop_ratio=4 / 3)(images, gen(2))
+    assert c.shape == a.shape and not torch.equal(a, c)
