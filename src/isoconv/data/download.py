@@ -7,11 +7,11 @@ with absolute paths, `..`, links or special files are refused before anything is
 from __future__ import annotations
 
 import hashlib
+import logging
 import http.client
 import os
 import shutil
 import stat
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -24,6 +24,8 @@ from ..errors import UserError
 
 _DOWNLOAD_TIMEOUT_S = 60
 _CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 def _fmt_reason(e: BaseException) -> str:
@@ -101,8 +103,7 @@ def _fetch(url: str, out, what: str, hint: str) -> str:
                 out.write(chunk)
                 done += len(chunk)
                 if total and done / total >= next_report and done < total:
-                    print(f"isoconv: {what}: {done / 2**20:.0f} of {total / 2**20:.0f} MiB", file=sys.stderr,
-                          flush=True)
+                    log.info(f"{what}: {done / 2**20:.0f} of {total / 2**20:.0f} MiB")
                     next_report += 0.1
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise UserError(f"could not download {what} from {url} ({_fmt_reason(e)}); {hint}") from None
@@ -135,7 +136,7 @@ def download_and_extract(url: str, md5: str, root: Path, folder: str, *, what: s
     extract_dir: Optional[Path] = None
     done = False
     try:
-        print(f"isoconv: downloading {what} from {url} to {root} ...", file=sys.stderr, flush=True)
+        log.info(f"downloading {what} from {url} to {root} ...")
         got = _fetch(url, out, what, hint)
         if got != md5:
             raise UserError(f"downloaded {what} archive from {url} has md5 {got}, expected {md5} "

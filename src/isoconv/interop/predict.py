@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,8 @@ from ..eval.evaluate import predict_logits
 from ..runtime import resolve_device, resolve_precision
 from .load import OnnxModel, preprocess_for, read_model
 from .preprocess import Preprocess, collect_image_paths
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,19 +41,19 @@ def predict_files(target: Union[str, Path], inputs: Iterable[Union[str, Path]], 
                   warn: Optional[Callable[[str], None]] = None) -> PredictResult:
     """Predict every image that `inputs` (files, folders, glob patterns) name; unreadable ones are skipped.
 
-    Each skipped file or input is passed to `warn` as it happens (default: printed to stderr).
+    Each skipped file or input is passed to `warn` as it happens (default: logged as a warning).
     """
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or log.warning
     inputs = list(inputs)
     paths, problems = collect_image_paths(inputs)
     result = PredictResult()
     for item, reason in problems:
         result.skipped.append((item, reason))
-        warn(f"isoconv: skipped {item}: {reason}")
+        warn(f"skipped {item}: {reason}")
     if not paths:
         raise UserError(f"no image files found in {', '.join(map(str, inputs))}; pass image files, folders or glob "
                         f"patterns")
@@ -82,7 +84,7 @@ def decode_batch(paths: Sequence[Path], preprocess: Preprocess, result: PredictR
         except BadImageError as e:
             reason = str(e).replace(" (or pass --skip-bad-images)", "")
             result.skipped.append((str(path), reason))
-            warn(f"isoconv: skipped {path}: {reason}")
+            warn(f"skipped {path}: {reason}")
     return images, names
 
 
