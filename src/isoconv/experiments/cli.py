@@ -71,7 +71,8 @@ def parse_set(items: list[str]) -> dict:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    overrides = {k: v for k, v in settings_from_args(args).items() if v is not None}
+    # ablate's --out is the sweep folder, not a run setting
+    overrides = {k: v for k, v in settings_from_args(args).items() if v is not None and k != "out"}
     overrides.update(parse_set(args.set))
     seeds = args.seeds if args.seeds is not None else spec.seeds
     out = Path(check_output_folder(args.out, "--out", "sweep folder")) if args.out is not None else \
