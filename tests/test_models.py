@@ -419,7 +419,10 @@ def test_model_info_fields() -> None:
     assert model_info("convnext-tin")["defaults"]["drop_path_rate"] == 0.1
 
 
-def test_register_model_custom_preset() -> None:
+def test_register_model_custom_preset(monkeypatch) -> None:
+    from isoconv.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the preset is gone after this test
     name = "test-tiny-convmixer"
     if name not in list_models():
 

@@ -107,7 +107,7 @@ def choose_precision(cfg: TrainConfig, model: torch.nn.Module, device: torch.dev
                      num_classes: int, dist: Dist = SINGLE) -> tuple[str, Optional[str]]:
     """(precision, why) for `--amp`; `why` is None when there was nothing to decide (an explicit --amp, a GPU)."""
     if cfg.amp != "auto" or device.type != "cpu":
-        return resolve_precision(cfg.amp, device), None
+        return resolve_precision(cfg.amp, device, cfg.cuda_amp), None
     if not cpu_has_native_bf16():
         return "fp32", "this CPU has no bf16 instructions (bf16 would be many times slower)"
     key = measurement_key(cfg, batch, image_size, num_classes)

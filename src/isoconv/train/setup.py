@@ -105,8 +105,7 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
     DistributedDataParallel (with --sync-bn, its BatchNorm layers share statistics across processes). `data`: the
     (train, test) datasets to use instead of loading cfg's."""
     device = dist.device if dist.enabled else resolve_device(cfg.device)
-    precision = resolve_precision(cfg.amp, device, cfg.cuda_amp)
-    cfg = as_run(cfg, device, precision)
+    resolve_precision(cfg.amp, device, cfg.cuda_amp)  # an impossible precision fails before any data is read
     configure_device(device)
     with torch.device("meta"):  # shape errors before any data is read or downloaded
         build_model(cfg, num_classes=10, image_size=None)
@@ -129,6 +128,7 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
                                       image_size=train_ds.image_size, num_classes=train_ds.num_classes, dist=dist)
     if why and dist.is_main:
         logging.getLogger(__name__).info(f"precision: {why}")
+    cfg = as_run(cfg, device, precision)  # from here on cfg is the run as it runs (config.yaml, checkpoints)
     if dist.enabled and cfg.sync_bn:
         model = ddp.convert_sync_batchnorm(model, device)
     optimizer, scaler = build_optimizer(cfg, model, device, precision)
