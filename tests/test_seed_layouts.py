@@ -286,4 +286,23 @@ def test_isoconv_load_refuses_bare_seed_weights_and_points_at_pretrained(tmp_pat
             isoconv.load(path)
         message = str(e.value)
         assert f"holds bare weights ({layout}) without isoconv metadata" in message
-        assert "load_pretrained_into(isoconv.create_model(NAME" in message and f"--pretrained {path}" in message
+        assert "isoconv.load(path, model=NAME" in message and f"--pretrained {path}" in message
+
+
+def test_isoconv_load_reads_seed_weights_when_told_the_preset(tmp_path):
+    """With the preset named, isoconv.load makes a ready model of a seed's own file: the seed's outputs, and the
+    seed's preprocessing (CIFAR-10 statistics for the XL study, none for simple-convnext)."""
+    theirs = randomise(study_convmixer_xl(8, 6, 5, 2, 10, 3, nn.SiLU()), seed=3)
+    save_xl_study_file(theirs, tmp_path / "CM-XL.pkl")
+    model, preprocess = isoconv.load(tmp_path / "CM-XL.pkl", model="cm-xl", dim=8, depth=6)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(x), theirs(x))
+    assert not model.training and preprocess.classes[0] == "airplane" and preprocess.mean[0] == pytest.approx(0.4914)
+    seed = randomise(SeedConvNext(10, 1, [8, 16, 24, 32], [1, 1, 1, 1]), seed=5)
+    torch.save({"model_state": seed.state_dict()}, tmp_path / "convnext.pt")
+    model, preprocess = isoconv.load(tmp_path / "convnext.pt", model="convnext-cifar", dims=[8, 16, 24, 32],
+                                     depths=[1, 1, 1, 1])
+    with torch.no_grad():
+        assert torch.allclose(model(x), seed(x), atol=1e-5, rtol=1e-5)
+    assert preprocess.mean == (0.0, 0.0, 0.0) and preprocess.std == (1.0, 1.0, 1.0)  # the seed did not normalize

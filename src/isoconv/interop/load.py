@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
+from ..data.cifar import CIFAR10_MEAN, CIFAR10_STD
 from ..errors import UserError
+from ..models import create_model
 from ..runtime import resolve_device
 from ..weights.checkpoint import load_checkpoint
 from ..rundir import CHECKPOINT_NAME
 from ..weights.files import INSTALL_HINT, model_format, read_safetensors, strip_wrapper_prefixes
 from ..weights.meta import META_KEY, ModelMeta
-from ..weights.pretrained import foreign_layout
+from ..weights.pretrained import foreign_layout, load_pretrained_into
 from .preprocess import Preprocess
 
 TORCHSCRIPT_META_FILE = "isoconv.json"
@@ -37,14 +39,43 @@ class LoadedModel(NamedTuple):
     preprocess: Preprocess
 
 
-def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedModel:
+# The seeds' own saved files (the XL study's, simple-convnext's) were trained on CIFAR-10-sized images; the XL study
+# normalized with the CIFAR-10 statistics, simple-convnext did not normalize at all.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+UNNORMALIZED_LAYOUTS = ("simple-convnext layout",)
+
+
+def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", model: Optional[str] = None,
+         **model_kwargs) -> LoadedModel:
     """Load a run directory, checkpoint, .safetensors, .onnx or TorchScript file for inference.
 
     The model is in eval mode on `device` and returns logits for a float32 (B, 3, S, S) batch;
     `preprocess(images)` makes that batch from file paths, PIL images or uint8 tensors.
+    Weights without isoconv metadata (a seed's own saved file, a timm state dict) load when `model` names the preset
+    they fit (`model_kwargs` as for isoconv.create_model, e.g. num_classes=200); they are then preprocessed for
+    CIFAR-10-sized images as the seed trained them.
     """
-    model, meta = read_model(Path(path), resolve_device(device))
-    return LoadedModel(model, preprocess_for(meta))
+    dev = resolve_device(device)
+    if model is not None and foreign_layout(path) is not None:
+        return load_foreign(Path(path), dev, model, model_kwargs)
+    net, meta = read_model(Path(path), dev)
+    return LoadedModel(net, preprocess_for(meta))
+
+
+def load_foreign(path: Path, device: torch.device, name: str, model_kwargs: dict) -> LoadedModel:
+    layout = foreign_layout(path)
+    net = create_model(name, **model_kwargs)
+    report = load_pretrained_into(net, path)
+    if report.reinitialised:
+        raise UserError(f"{path} holds a classifier for another number of classes than {name!r} has "
+                        f"({net.num_classes}); pass num_classes=N, N being the file's class count")
+    n = net.num_classes
+    plain = layout in UNNORMALIZED_LAYOUTS
+    data = {"classes": list(CIFAR10_CLASSES) if n == 10 else [str(i) for i in range(n)],
+            "mean": [0.0] * 3 if plain else list(CIFAR10_MEAN), "std": [1.0] * 3 if plain else list(CIFAR10_STD),
+            "image_size": model_kwargs.get("image_size") or 32, "dataset": "cifar10"}
+    meta = ModelMeta({"model": name}, data)
+    return LoadedModel(net.to(device).eval(), preprocess_for(meta))
 
 
 def preprocess_for(meta: ModelMeta) -> Preprocess:
@@ -81,9 +112,9 @@ def bare_weights_error(path: Path, layout) -> UserError:
     """isoconv.load on weights without isoconv metadata: say what they are and the two ways to use them."""
     what = f"bare weights ({layout})" if layout else "weights"
     return UserError(f"{path} holds {what} without isoconv metadata (model settings, classes, image size, "
-                     f"normalization), so isoconv.load cannot make a ready model from it; build the model and load "
-                     f"them with isoconv.interop.load_pretrained_into(isoconv.create_model(NAME, ...), path), or "
-                     f"train from them with `isoconv train --model NAME --pretrained {path}`")
+                     f"normalization); name the preset they fit: isoconv.load(path, model=NAME, ...), or build the "
+                     f"model and load them with isoconv.interop.load_pretrained_into(isoconv.create_model(NAME, ...), "
+                     f"path), or train from them with `isoconv train --model NAME --pretrained {path}`")
 
 
 def build_with_weights(meta: ModelMeta, state: dict[str, torch.Tensor], source: str) -> nn.Module:
