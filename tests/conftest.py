@@ -24,6 +24,16 @@ def _require(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """For test modules of many small ops: run them single-threaded. On a shared 2-core box a busy neighbour makes
+    every 2-thread OpenMP op ~10x slower; the previous setting is restored afterwards."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(autouse=True)
 def console_logging():
     """isoconv's log records reach stdout/stderr as the CLI shows them, whether a test calls the CLI or a library

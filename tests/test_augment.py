@@ -39,15 +39,7 @@ ALL_OFF = dict(scale=1.0, hflip=False, ra_n=0, jitter=0.0, reprob=0.0)
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """These tests are many small ops: run them single-threaded.  On a shared 2-core box a busy
-    neighbour makes every 2-thread OpenMP op ~10x slower (the file then takes ~60 s instead of
-    ~8 s); the previous setting is restored afterwards."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

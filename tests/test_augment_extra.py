@@ -12,12 +12,7 @@ from isoconv.augment import MixupCutmix, one_hot_smooth
 from isoconv.augment.mix import mix_elem_apply
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -23,12 +23,7 @@ ALL_OFF = dict(scale=1.0, hflip=False, ra_n=0, jitter=0.0, reprob=0.0)
 Z = 4.5  # standard errors allowed between two sampled frequencies
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -17,12 +17,7 @@ from isoconv.models.seed_layouts import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def randomise(model: nn.Module, seed: int) -> nn.Module:

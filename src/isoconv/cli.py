@@ -19,21 +19,22 @@ import torch
 
 from .bench import run_bench, time_to_accuracy
 from .doctor import run_doctor
-from .config import add_setting_flags, build_config, config_differences, list_recipes, load_recipe, settings_from_args
+from .config import add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
 from .errors import Interrupted, UserError
 from .fileio import atomic_write, describe_file
 from .eval.run import evaluate_target
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
 from .experiments.published import figures_text
 from .experiments.tracking import publish_tracked
-from .fileio import DISK_FULL
+from .fileio import DISK_FULL, folders_to_create, remove_empty_folders
 from .interop.export import MATCH_TOLERANCE, export_target
 from .malloc_tuning import tune_allocator
 from .interop.predict import format_csv, format_json, format_table, predict_files
 from .models import list_models, model_info
-from .rundir import RUNS_FOLDER, RunDir, check_output_folder, folders_to_create, remove_empty_folders
-from .train import train
+from .rundir import RUNS_FOLDER, RunDir, check_output_folder
 from .train import distributed as ddp
+from .train import train
+from .train.loop import check_resume_config
 from .weights import load_latest_checkpoint
 
 CPU_RECIPE = "cpu-quick"
@@ -266,10 +267,7 @@ def resume_run(run: RunDir, args, overrides: dict) -> int:
     finished = run.read_summary()
     if finished is not None:
         stored = run.read_config() or {}
-        diffs = config_differences(stored, {**stored, **given})
-        if diffs:
-            raise UserError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); drop those flags or "
-                            f"start a new run")
+        check_resume_config(run, stored, build_config(None, **{**stored, **given}))
         logging.getLogger(__name__).info(
             f"{run} is finished ({finished.get('epochs')} epoch{'' if finished.get('epochs') == 1 else 's'}, test "
             f"top-1 {finished.get('test_top1', 0):.4f}); "

@@ -269,7 +269,6 @@ def config_differences(old: dict, new: dict, ignore=RESUME_FREE_FIELDS) -> list[
 
 
 CONFIG_KEYS = tuple(SETTINGS)
-FLAG_GROUPS = ("model", "data", "optimisation", "augmentation", "engine", "runtime")
 
 
 def _value_type(f: dataclasses.Field):

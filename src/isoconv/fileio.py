@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Union
 
@@ -60,8 +61,9 @@ def atomic_write_with(path: Union[str, Path], write: Callable[[Path], None],
     fsync_dir(path.parent)
 
 
+@lru_cache(maxsize=1)
 def _umask() -> int:
-    mask = os.umask(0o022)
+    mask = os.umask(0o022)  # the only way to read it is to set it: do it once, not at every write
     os.umask(mask)
     return mask
 
@@ -111,3 +113,21 @@ def describe_file(path: Union[str, Path]) -> Union[str, None]:
                 return None
         return "a text file"
     return None
+
+
+def folders_to_create(path: Union[str, Path]) -> list[Path]:
+    """The folders that writing into `path` would create (`path` first, then its missing parents)."""
+    path, missing = Path(path).expanduser(), []
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) as long as they are empty: what a failed run or download created."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

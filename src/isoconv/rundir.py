@@ -86,24 +86,6 @@ def check_output_folder(path: Union[str, Path], flag: str = "--out", what: str =
     return path
 
 
-def folders_to_create(path: Union[str, Path]) -> list[Path]:
-    """The folders that writing into `path` would create (`path` first, then its missing parents)."""
-    path, missing = Path(path).expanduser(), []
-    while not path.exists() and path.parent != path:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def remove_empty_folders(folders: list[Path]) -> None:
-    """Remove `folders` (deepest first) as long as they are empty: what a failed run created on its way."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
 def _name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")

@@ -208,6 +208,13 @@ def sample_crop_boxes(
     return top, left, side
 
 
+def first_fitting(h: Tensor, w: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of `attempts` candidate boxes ``(batch, attempts)``: the first valid one's (h, w), and whether any was
+    valid (when none is, the first candidate's size is returned)."""
+    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)
+    return h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1), valid.any(dim=1)
+
+
 def sample_aspect_crop_boxes(
     batch: int, height: int, width: int, scale: float, ratio: float, generator: torch.Generator, device,
     attempts: int = 10,
@@ -225,9 +232,7 @@ def sample_aspect_crop_boxes(
     aspect = torch.exp(-log_r + 2 * log_r * _rand((batch, attempts), generator, device).double())
     w = torch.round(torch.sqrt(area * aspect)).long()
     h = torch.round(torch.sqrt(area / aspect)).long()
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)
-    h, w, ok = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1), valid.any(dim=1)
+    h, w, ok = first_fitting(h, w, (w > 0) & (w <= width) & (h > 0) & (h <= height))
     in_ratio = width / height
     if in_ratio < 1 / ratio:
         fallback_w, fallback_h = width, int(round(width * ratio))
@@ -498,11 +503,7 @@ def sample_erase_boxes(
     aspect = torch.exp(lr0 + (lr1 - lr0) * _rand((batch, attempts), generator, device))
     h = torch.round(torch.sqrt(area * aspect)).long()
     w = torch.round(torch.sqrt(area / aspect)).long()
-    valid = (h < height) & (w < width)
-    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)
-    h = h.gather(1, first).squeeze(1)
-    w = w.gather(1, first).squeeze(1)
-    ok = valid.any(dim=1)
+    h, w, ok = first_fitting(h, w, (h < height) & (w < width))
     h = torch.where(ok, h, torch.zeros_like(h))
     w = torch.where(ok, w, torch.zeros_like(w))
     top = _randint_below(height - h + 1, generator)
@@ -511,16 +512,21 @@ def sample_erase_boxes(
     return top, left, h, w, apply
 
 
-def erase(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, apply: Tensor, value: float = 0.0) -> Tensor:
-    """Set the box ``[top, top+h) x [left, left+w)`` of every image with ``apply`` to ``value``
-    (all channels); a mask built from ``arange`` comparisons, no Python loop."""
+def box_mask(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, apply: Tensor) -> Tensor:
+    """``(B, H, W)`` bool: inside the box ``[top, top+h) x [left, left+w)`` of every image with ``apply``; built
+    from ``arange`` comparisons, no Python loop."""
     B, _, H, W = x.shape
     rows = torch.arange(H, device=x.device).view(1, H, 1)
     cols = torch.arange(W, device=x.device).view(1, 1, W)
     t, l_ = top.view(B, 1, 1), left.view(B, 1, 1)
     mask = (rows >= t) & (rows < t + h.view(B, 1, 1)) & (cols >= l_) & (cols < l_ + w.view(B, 1, 1))
-    mask &= apply.view(B, 1, 1)
-    keep = (~mask).to(x.dtype)[:, None]
+    return mask & apply.view(B, 1, 1)
+
+
+def erase(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, apply: Tensor, value: float = 0.0) -> Tensor:
+    """Set the box ``[top, top+h) x [left, left+w)`` of every image with ``apply`` to ``value``
+    (all channels); a mask built from ``arange`` comparisons, no Python loop."""
+    keep = (~box_mask(x, top, left, h, w, apply)).to(x.dtype)[:, None]
     # multiply by a 0/1 mask (a broadcast masked_fill/where is several times slower on CPU);
     # the erased pixels become (+/-)0.0, then ``value`` is added there.
     out = x * keep
@@ -533,14 +539,8 @@ def erase_pixels(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, app
                  generator: torch.Generator) -> Tensor:
     """Like :func:`erase`, but the box gets N(0, 1) noise per pixel and channel (timm ``mode="pixel"``;
     torchvision ``RandomErasing(value="random")``).  Noise is drawn for the whole batch from ``generator``."""
-    B, _, H, W = x.shape
-    rows = torch.arange(H, device=x.device).view(1, H, 1)
-    cols = torch.arange(W, device=x.device).view(1, 1, W)
-    t, l_ = top.view(B, 1, 1), left.view(B, 1, 1)
-    mask = (rows >= t) & (rows < t + h.view(B, 1, 1)) & (cols >= l_) & (cols < l_ + w.view(B, 1, 1))
-    mask &= apply.view(B, 1, 1)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return torch.where(mask[:, None], noise, x)
+    return torch.where(box_mask(x, top, left, h, w, apply)[:, None], noise, x)
 
 
 # --------------------------------------------------------------------------------------------

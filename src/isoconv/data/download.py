@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import List, Optional
 
 from ..errors import UserError
+from ..fileio import folders_to_create, remove_empty_folders
 
 _DOWNLOAD_TIMEOUT_S = 60
 _CHUNK = 1 << 20
@@ -118,7 +119,7 @@ def download_and_extract(url: str, md5: str, root: Path, folder: str, *, what: s
     root = Path(root)
     target = root / folder
     hint = f"put {folder} under a folder and pass --data-dir DIR or set ISOCONV_DATA"
-    created = _missing_folders(root)  # removed again if the download fails
+    created = folders_to_create(root)  # removed again if the download fails
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -128,7 +129,7 @@ def download_and_extract(url: str, md5: str, root: Path, folder: str, *, what: s
     try:
         fd, tmp_name = tempfile.mkstemp(dir=root, prefix=f".{archive_name}.", suffix=".part")
     except OSError as e:
-        _remove_empty(created)
+        remove_empty_folders(created)
         raise UserError(f"cannot write to data folder {root} ({e.strerror or e}); pass --data-dir DIR "
                         f"pointing to a writable folder, or set ISOCONV_DATA") from None
     out = os.fdopen(fd, "wb")
@@ -166,25 +167,7 @@ def download_and_extract(url: str, md5: str, root: Path, folder: str, *, what: s
         if extract_dir is not None:
             shutil.rmtree(extract_dir, ignore_errors=True)
         if not done:
-            _remove_empty(created)
-
-
-def _missing_folders(folder: Path) -> List[Path]:
-    """`folder` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    while not folder.exists() and folder.parent != folder:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def _remove_empty(folders: List[Path]) -> None:
-    """Remove the folders a failed download created (deepest first), as long as they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
+            remove_empty_folders(created)
 
 
 def folder_or_download(folder: Path, download: bool, dataset: str, fetch) -> Path:

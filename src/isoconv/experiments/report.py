@@ -1,7 +1,6 @@
 """`isoconv report RUN_OR_SWEEP_DIR`: (re)generate the plots and a report.md that embeds them."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
@@ -35,10 +34,6 @@ def write_report(target: Path, command: Optional[str] = None) -> Path:
 
 def image(path: Path, base: Path, alt: str) -> str:
     return f"![{alt}]({quote(path.relative_to(base).as_posix())})"
-
-
-def read_json(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------- one run

@@ -200,6 +200,14 @@ def log_start(t: Training, run: RunDir, info, start_state: Optional[dict], histo
         info(format_row(row))
 
 
+def check_resume_config(run: RunDir, stored: dict[str, Any], cfg: TrainConfig) -> None:
+    """A run resumes only with the settings it ran with (runtime settings and `auto` aside)."""
+    diffs = config_differences(stored, with_preset_shape(cfg).to_dict())
+    if diffs:
+        raise ConfigError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); drop those flags or "
+                          f"start a new run")
+
+
 def train(cfg: TrainConfig, *, resume: Optional[Path] = None, stop_after: Optional[int] = None,
           resume_state: Optional[dict] = None) -> Optional[dict[str, Any]]:
     """Train (or resume) a run and return its summary; everything is also written to the run directory.
@@ -213,10 +221,7 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, stop_after: Option
     if resume is not None:
         run = RunDir(resume)
         start_state = resume_state or load_latest_checkpoint(run.checkpoint)
-        diffs = config_differences(start_state["config"], with_preset_shape(cfg).to_dict())
-        if diffs:
-            raise ConfigError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); "
-                              f"drop those flags or start a new run")
+        check_resume_config(run, start_state["config"], cfg)
     else:
         run = RunDir(cfg.out) if cfg.out else RunDir.new(cfg.model)
         if run.has_checkpoint():
