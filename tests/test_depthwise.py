@@ -161,7 +161,8 @@ def test_module_takes_the_fast_path_only_when_training_on_cpu(monkeypatch):
     assert use_fast_depthwise(torch.device("cpu"), torch.bfloat16)
     monkeypatch.undo()
     assert use_fast_depthwise(torch.device("cpu"), torch.float32, 128 * 256 * 16 * 16)  # cm-vanilla, batch 128
-    assert not use_fast_depthwise(torch.device("cpu"), torch.float32, 32 * 16 * 8 * 8)
+    assert use_fast_depthwise(torch.device("cpu"), torch.float32, 128 * 128 * 8 * 8)  # cm-cpu (the CPU default)
+    assert not use_fast_depthwise(torch.device("cpu"), torch.float32, 32 * 64 * 8 * 8)
     assert not use_fast_depthwise(torch.device("cpu"), torch.float64)
     assert not use_fast_depthwise(torch.device("cuda"), torch.float32)
     assert not use_fast_depthwise(torch.device("cuda"), torch.bfloat16)

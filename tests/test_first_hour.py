@@ -219,6 +219,9 @@ def test_amp_auto_picks_the_measured_faster_precision_and_caches_it(tmp_path, mo
     assert again == want and len(calls) == 1 and "measured earlier" in why  # cached: no second measurement
     amp.choose_precision(cfg, model, torch.device("cpu"), batch=8, image_size=32, num_classes=10)
     assert len(calls) == 2  # another batch size is another measurement
+    monkeypatch.setattr(amp, "MEASUREMENT_VERSION", amp.MEASUREMENT_VERSION + 1)
+    amp.choose_precision(cfg, model, torch.device("cpu"), batch=4, image_size=32, num_classes=10)
+    assert len(calls) == 3  # a verdict measured with an older training path is measured again
 
 
 def test_amp_auto_without_bf16_instructions_is_fp32_without_measuring(tmp_path, monkeypatch, tiny_model):

@@ -39,6 +39,9 @@ CANDIDATES = ("fp32", "bf16")
 WARMUP_STEPS = 1
 TIMED_STEPS = 3
 MARGIN = 1.03  # bf16 must be at least 3% faster: a tie keeps the exact precision
+# Part of the cache key: bump it when the CPU training path changes speed (kernels, fast paths), so that verdicts
+# measured with the old code are measured again. 2: fast depthwise backward from 2^19 elements (cm-cpu).
+MEASUREMENT_VERSION = 2
 clock = time.perf_counter  # tests replace it
 
 
@@ -48,7 +51,7 @@ def cache_path() -> Path:
 
 def measurement_key(cfg: TrainConfig, batch: int, image_size: int, num_classes: int) -> str:
     machine = {"cpu": cpu_name(), "flags": sorted(cpu_flags()), "torch": torch.__version__,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(), "version": MEASUREMENT_VERSION}
     model = {"model": cfg.model, "overrides": cfg.model_overrides(), "channels_last": cfg.channels_last,
              "compile": cfg.compile, "image_size": image_size, "classes": num_classes, "batch": batch}
     text = json.dumps({"machine": machine, "model": model}, sort_keys=True, default=str)
