@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isoconv.models import depthwise as depthwise_module
+from isoconv.models import compiled
 from isoconv.models.depthwise import DepthwiseConv2d, depthwise_conv2d, resolve_padding, use_fast_depthwise
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -111,7 +111,7 @@ def test_bf16_weight_grad_accumulates_in_fp32():
 
 
 def test_autocast_bf16_matches_aten_autocast(monkeypatch):
-    monkeypatch.setattr(depthwise_module, "FAST_MIN_ELEMENTS", 1)  # this small input takes the fast path too
+    monkeypatch.setattr(compiled, "FAST_MIN_ELEMENTS", 1)  # this small input takes the fast path too
     module = DepthwiseConv2d(16, 3).to(memory_format=torch.channels_last)
     reference = nn.Conv2d(16, 16, 3, padding="same", groups=16)
     reference.load_state_dict(module.state_dict())
@@ -147,7 +147,7 @@ def test_module_takes_the_fast_path_only_when_training_on_cpu(monkeypatch):
     module = DepthwiseConv2d(4, 3)
     small = module(torch.randn(1, 4, 6, 6, requires_grad=True))
     assert "isoconv" not in type(small.grad_fn).__name__  # too small to pay for a compile: aten
-    monkeypatch.setattr(depthwise_module, "FAST_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(compiled, "FAST_MIN_ELEMENTS", 1)
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         inference = module.double()(x)
@@ -177,7 +177,7 @@ w = torch.randn(4, 1, 4, 4, requires_grad=True)
 depthwise.depthwise_conv2d(x, w, None, "same").square().sum().backward()
 xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
 F.conv2d(xr, wr, None, padding="same", groups=4).square().sum().backward()
-assert depthwise._compile_failed
+assert depthwise.param_grads_compiled.failed
 assert (w.grad.double() - wr.grad).abs().max() < 1e-4 * wr.grad.abs().max()
 print("fell back")
 """

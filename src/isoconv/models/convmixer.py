@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .act_norm import fused_act_batch_norm
 from .depthwise import DepthwiseConv2d
 
-__all__ = ["ConvMixer", "Residual", "ACTIVATIONS", "make_activation"]
+__all__ = ["ConvMixer", "Residual", "ConvActNorm", "MixerBlock", "ACTIVATIONS", "make_activation"]
 
 # Canonical activation names; each value builds a *new* module per call.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -84,6 +85,24 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fn(x)
+
+
+class ConvActNorm(nn.Sequential):
+    """``Sequential(conv, act, BatchNorm2d)`` whose act -> BN pair runs fused when training on a CPU
+    (`fused_act_batch_norm`); the same modules and parameter names as the plain Sequential."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, act, norm = self
+        return fused_act_batch_norm(conv(x), act, norm)
+
+
+class MixerBlock(nn.Sequential):
+    """``Sequential(Residual(ConvActNorm(depthwise conv, act, BN)), 1x1 conv, act, BN)``, one ConvMixer block, with
+    the second act -> BN pair fused like `ConvActNorm`'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mix_space, mix_channels, act, norm = self
+        return fused_act_batch_norm(mix_channels(mix_space(x)), act, norm)
 
 
 class ConvMixer(nn.Module):
@@ -154,16 +173,16 @@ class ConvMixer(nn.Module):
         def act() -> nn.Module:
             return make_activation(activation)
 
-        self.stem = nn.Sequential(
+        self.stem = ConvActNorm(
             nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),
             act(),
             nn.BatchNorm2d(dim),
         )
         self.blocks = nn.Sequential(
             *[
-                nn.Sequential(
+                MixerBlock(
                     Residual(
-                        nn.Sequential(
+                        ConvActNorm(
                             DepthwiseConv2d(dim, kernel_size, padding="same"),
                             act(),
                             nn.BatchNorm2d(dim),

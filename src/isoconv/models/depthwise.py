@@ -22,36 +22,23 @@ included, it is nn.Conv2d.
 """
 from __future__ import annotations
 
-import logging
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .compiled import FAST_MIN_ELEMENTS, CompiledKernel, fast_cpu_training
+
 __all__ = ["DepthwiseConv2d", "depthwise_conv2d", "resolve_padding", "use_fast_depthwise"]
 
-log = logging.getLogger(__name__)
-
 Padding = Union[str, int, Sequence[int]]
-
-FAST_DTYPES = (torch.float32, torch.bfloat16)
-
-
-# Each new (dtype, kernel, shape) costs a compile: about 10 s, or 3 s from inductor's disk cache. From this many
-# activation elements per call the fast path saves about 3 ms per block and training step (fp32, k5: 5.7 vs 2.9 ms
-# fwd+bwd at [64, 64, 8, 8] on a 2-core EPYC), so it pays back within a few hundred steps; smaller calls (tests,
-# toy runs) stay on aten. cm-cpu at batch 128 is [128, 128, 8, 8] = 2^20, cm-vanilla [128, 256, 16, 16] = 2^23.
-FAST_MIN_ELEMENTS = 2 ** 19
 
 
 def use_fast_depthwise(device: torch.device, dtype: torch.dtype, numel: int = FAST_MIN_ELEMENTS) -> bool:
     """Whether training a depthwise convolution on `device` in `dtype`, on `numel` input elements, is faster with
-    this module's backward.
-
-    Only CPUs: on CUDA cuDNN's depthwise kernels are fast. fp16 on CPUs is left to aten (rarely used there)
-    and float64 gains nothing worth a compile."""
-    return device.type == "cpu" and dtype in FAST_DTYPES and numel >= FAST_MIN_ELEMENTS
+    this module's backward (`compiled.fast_cpu_training`)."""
+    return fast_cpu_training(device, dtype, numel)
 
 
 def resolve_padding(padding: Padding, kernel_size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -111,30 +98,7 @@ def param_grads_aten(grad_out: Tensor, x: Tensor, kh: int, kw: int, pad: Sequenc
     return grad_w, grad_b
 
 
-RECOMPILE_LIMIT = 64
-
-_compiled_param_grads: Optional[Callable[..., tuple[Tensor, Tensor]]] = None
-_compile_failed = False
-
-
-def param_grads_compiled(grad_out: Tensor, x: Tensor, kh: int, kw: int, pad: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """`param_grad_sums` compiled by inductor. When compiling fails (no C++ compiler, for one) it warns once
-    and uses aten's gradients for the rest of the process: that is still faster than the eager sums."""
-    global _compiled_param_grads, _compile_failed
-    if not _compile_failed:
-        if _compiled_param_grads is None:
-            _compiled_param_grads = torch.compile(param_grad_sums, fullgraph=True)
-        try:
-            # dynamo keeps one compiled variant per dtype, kernel size, padding and shape, on this one function;
-            # its default limit of 8 is soon reached by a process training several models
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return _compiled_param_grads(grad_out, x, kh, kw, pad)
-        except Exception as e:  # whatever failed in compiling, aten's gradient is correct
-            _compile_failed = True
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            log.warning("depthwise weight gradient: torch.compile failed (%s: %s); using aten's",
-                        type(e).__name__, first_line)
-    return param_grads_aten(grad_out, x, kh, kw, pad)
+param_grads_compiled = CompiledKernel(param_grad_sums, "depthwise weight gradient", fallback=param_grads_aten)
 
 
 @torch.library.custom_op("isoconv::depthwise_param_grads", mutates_args=())

@@ -1,0 +1,160 @@
+"""An activation followed by training-mode BatchNorm (ConvMixer's `act -> BN` pairs), fused for CPU training.
+
+Eagerly, GELU -> BatchNorm2d makes about twelve passes over the activations per training step (GELU, the batch
+statistics, the normalisation, BatchNorm's two-pass backward, GELU's backward) and evaluates erf twice; aten's
+channels-last bf16 BatchNorm backward alone takes longer than GELU. Here the same computation is five inductor
+kernels (see `ActBatchNormFunction`): the forward writes the activation and, for GELU, its slope (one exp for
+both), so the backward needs no erf and no exp; the statistics are fp32 sums of per-image partial sums, shifted by one pixel's value per
+channel so that E[h^2] - E[h]^2 does not cancel.
+
+`fused_act_batch_norm(x, act, bn)` returns what `bn(act(x))` returns, running statistics and `num_batches_tracked`
+updated the same way, and takes the fused path only for CPU training in fp32 or bf16 of inputs large enough to pay
+for the compile (`fast_cpu_training`); otherwise it is `bn(act(x))`. Compiled kernels are cached on disk by
+inductor; when compiling fails the same kernels run eagerly (correct, slower) after one warning.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .compiled import CompiledKernel, fast_cpu_training
+
+__all__ = ["fused_act_batch_norm", "fused_activation", "ActBatchNormFunction"]
+
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def fused_activation(act: nn.Module) -> Optional[str]:
+    """"gelu" or "relu" when `act` is one this module fuses (exact GELU, out-of-place ReLU), else None."""
+    if type(act) is nn.GELU and act.approximate == "none":
+        return "gelu"
+    if type(act) is nn.ReLU and not act.inplace:
+        return "relu"
+    return None
+
+
+# erf(z) = 1 - t (A1 + t (A2 + t (A3 + t (A4 + t A5)))) exp(-z^2), t = 1 / (1 + P z) for z >= 0 (Abramowitz &
+# Stegun 7.1.26, absolute error <= 1.5e-7): the approximation aten's vectorised erf uses. Written out, its
+# exp(-z^2) is also the normal density GELU's slope needs, so the slope costs no second exp.
+P, A1, A2, A3, A4, A5 = 0.3275911, 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429
+
+
+def activate_gelu(a: Tensor) -> tuple[Tensor, Tensor]:
+    """(gelu(a), gelu'(a)) in a's dtype, computed in fp32: gelu(a) = a cdf(a), gelu'(a) = cdf(a) + a pdf(a)."""
+    af = a.float()
+    z = af * INV_SQRT2
+    t = 1.0 / (1.0 + P * z.abs())
+    gauss = torch.exp(-z * z)
+    erf_abs = 1.0 - t * (A1 + t * (A2 + t * (A3 + t * (A4 + t * A5)))) * gauss
+    cdf = 0.5 + 0.5 * torch.copysign(erf_abs, z)
+    slope = cdf + af * gauss * INV_SQRT_2PI
+    return (af * cdf).to(a.dtype), slope.to(a.dtype)
+
+
+def channel_sums(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel (sum of d, sum of d^2, shift) in fp32 for d = h - shift, shift = the first pixel's value."""
+    hf = h.float()
+    shift = hf[0, :, 0, 0]
+    d = hf - shift.view(1, -1, 1, 1)
+    return d.sum((2, 3)).sum(0), (d * d).sum((2, 3)).sum(0), shift
+
+
+def normalize(h: Tensor, mean: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """(h - mean) * scale + bias per channel, in h's dtype."""
+    y = (h.float() - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    return y.to(h.dtype)
+
+
+def backward_sums(grad_y: Tensor, h: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel fp32 (sum of grad_y, sum of grad_y * normalised h): the bias and weight gradients."""
+    g = grad_y.float()
+    xhat = (h.float() - mean.view(1, -1, 1, 1)) * rstd.view(1, -1, 1, 1)
+    return g.sum((2, 3)).sum(0), (g * xhat).sum((2, 3)).sum(0)
+
+
+def input_grad(grad_y: Tensor, h: Tensor, slope: Optional[Tensor], mean: Tensor, rstd: Tensor, weight: Tensor,
+               sum_g: Tensor, sum_gx: Tensor) -> Tensor:
+    """The gradient at the activation's input: BatchNorm's input gradient times the activation's slope (the saved
+    GELU slope, or h > 0 for ReLU), in grad_y's dtype."""
+    n = h.numel() // h.shape[1]
+    r = rstd.view(1, -1, 1, 1)
+    xhat = (h.float() - mean.view(1, -1, 1, 1)) * r
+    grad_h = (grad_y.float() - (sum_g / n).view(1, -1, 1, 1) - xhat * (sum_gx / n).view(1, -1, 1, 1)) * \
+        (r * weight.view(1, -1, 1, 1))
+    grad_a = grad_h * slope.float() if slope is not None else torch.where(h > 0, grad_h, 0.0)
+    return grad_a.to(grad_y.dtype)
+
+
+_activate_gelu = CompiledKernel(activate_gelu, "GELU")
+_channel_sums = CompiledKernel(channel_sums, "BatchNorm statistics")
+_normalize = CompiledKernel(normalize, "BatchNorm")
+_backward_sums = CompiledKernel(backward_sums, "BatchNorm backward")
+_input_grad = CompiledKernel(input_grad, "GELU/ReLU + BatchNorm backward")
+
+
+class ActBatchNormFunction(torch.autograd.Function):
+    """y, batch mean, biased batch variance = BatchNorm(act(a)) with batch statistics; only y is differentiable."""
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)  # the kernels choose their precision: in the input's dtype, sums in fp32
+    def forward(ctx, a: Tensor, weight: Tensor, bias: Tensor, act: str, eps: float):
+        if act == "gelu":
+            h, slope = _activate_gelu(a)
+        else:
+            h, slope = torch.relu(a), None
+        s1, s2, shift = _channel_sums(h)
+        n = h.numel() // h.shape[1]
+        shifted_mean = s1 / n
+        var = (s2 / n - shifted_mean * shifted_mean).clamp_min(0.0)
+        mean = shifted_mean + shift
+        rstd = torch.rsqrt(var + eps)
+        y = _normalize(h, mean, rstd * weight.float(), bias.float())
+        ctx.save_for_backward(h, slope, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
+        h, slope, weight, mean, rstd = ctx.saved_tensors
+        grad_y = grad_y.contiguous(memory_format=memory_format(h))  # the layout the kernels were compiled for
+        sum_g, sum_gx = _backward_sums(grad_y, h, mean, rstd)
+        grad_a = _input_grad(grad_y, h, slope, mean, rstd, weight.float(), sum_g, sum_gx) \
+            if ctx.needs_input_grad[0] else None
+        return grad_a, sum_gx.to(weight.dtype), sum_g.to(weight.dtype), None, None
+
+
+def memory_format(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def takes_fused_path(x: Tensor, act: nn.Module, bn: nn.Module) -> bool:
+    return (type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.affine
+            and bn.running_mean is not None and x.ndim == 4 and fused_activation(act) is not None
+            and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and fast_cpu_training(x.device, x.dtype, x.numel()))
+
+
+def fused_act_batch_norm(x: Tensor, act: nn.Module, bn: nn.Module) -> Tensor:
+    """`bn(act(x))`, fused where `takes_fused_path` says so (BatchNorm2d in training mode on a CPU)."""
+    if not takes_fused_path(x, act, bn):
+        return bn(act(x))
+    y, mean, var = ActBatchNormFunction.apply(x, bn.weight, bn.bias, fused_activation(act), bn.eps)
+    update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+    return y
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
+    """What nn.BatchNorm2d does in training: count the batch, then move the running mean and the running
+    (unbiased) variance towards the batch's by `momentum` (or by 1/batches for a cumulative average)."""
+    bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+    unbiased = var * (n / max(n - 1, 1))
+    bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
