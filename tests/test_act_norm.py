@@ -39,13 +39,13 @@ def run(fn, x, bn, grad):
             "running mean": bn.running_mean, "running var": bn.running_var}
 
 
-@pytest.mark.parametrize("act, dtype, fmt", [
-    (nn.GELU, torch.float32, "channels_last"),
-    (nn.GELU, torch.bfloat16, "contiguous"),
-    (nn.ReLU, torch.float32, "contiguous"),
-    (nn.ReLU, torch.bfloat16, "channels_last"),
+@pytest.mark.parametrize("dtype, fmt", [
+    (torch.float32, "channels_last"),
+    (torch.bfloat16, "contiguous"),
+    (torch.bfloat16, "channels_last"),
 ])
-def test_matches_batch_norm_of_the_activation_in_float64(every_size_is_fast, act, dtype, fmt):
+def test_matches_batch_norm_of_gelu_in_float64(every_size_is_fast, dtype, fmt):
+    act = nn.GELU
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(4, 16, 6, 5, generator=gen) * 2 + 0.5).to(dtype).contiguous(memory_format=FORMATS[fmt])
     grad = torch.randn(4, 16, 6, 5, generator=gen).to(dtype)
@@ -77,9 +77,9 @@ def test_cumulative_average_without_momentum(every_size_is_fast):
 def test_takes_the_fused_path_only_for_cpu_training_of_plain_modules(every_size_is_fast):
     x = torch.randn(2, 16, 4, 4, requires_grad=True)
     bn = batch_norm()
-    assert takes_fused_path(x, nn.GELU(), bn) and takes_fused_path(x, nn.ReLU(), bn)
+    assert takes_fused_path(x, nn.GELU(), bn)
     assert not takes_fused_path(x, nn.GELU(approximate="tanh"), bn)  # another function
-    assert not takes_fused_path(x, nn.ReLU(inplace=True), bn)
+    assert not takes_fused_path(x, nn.ReLU(), bn)  # measured slower fused (cm-cpu): aten's
     assert not takes_fused_path(x, nn.SiLU(), bn)
     assert not takes_fused_path(x.double(), nn.GELU(), bn.double())
     with torch.no_grad():
@@ -87,8 +87,8 @@ def test_takes_the_fused_path_only_for_cpu_training_of_plain_modules(every_size_
     bn.eval()
     assert not takes_fused_path(x, nn.GELU(), bn)  # running statistics: plain BatchNorm
     assert not takes_fused_path(x, nn.GELU(), nn.BatchNorm2d(16, track_running_stats=False))
-    assert fused_activation(nn.GELU()) == "gelu" and fused_activation(nn.ReLU()) == "relu"
-    assert fused_activation(nn.LeakyReLU()) is None
+    assert fused_activation(nn.GELU()) == "gelu"
+    assert fused_activation(nn.ReLU()) is None and fused_activation(nn.LeakyReLU()) is None
 
 
 def test_convmixer_trains_the_same_with_and_without_fusion(every_size_is_fast, monkeypatch):
@@ -97,7 +97,7 @@ def test_convmixer_trains_the_same_with_and_without_fusion(every_size_is_fast, m
     def two_steps(fused: bool):
         monkeypatch.setattr(act_norm, "takes_fused_path", takes_fused_path if fused else lambda *a: False)
         torch.manual_seed(0)
-        model = ConvMixer(dim=16, depth=2, kernel_size=3, patch_size=2, num_classes=10).to(
+        model = ConvMixer(dim=16, depth=2, kernel_size=3, patch_size=2, num_classes=10, activation="gelu").to(
             memory_format=torch.channels_last)
         opt = torch.optim.AdamW(model.parameters(), lr=0.01)
         gen = torch.Generator().manual_seed(1)

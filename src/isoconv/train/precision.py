@@ -40,8 +40,9 @@ WARMUP_STEPS = 1
 TIMED_STEPS = 3
 MARGIN = 1.03  # bf16 must be at least 3% faster: a tie keeps the exact precision
 # Part of the cache key: bump it when the CPU training path changes speed (kernels, fast paths), so that verdicts
-# measured with the old code are measured again. 2: fast depthwise backward from 2^19 elements (cm-cpu).
-MEASUREMENT_VERSION = 2
+# measured with the old code are measured again. 2: fast depthwise backward from 2^19 elements (cm-cpu); 3: fused
+# activation + BatchNorm.
+MEASUREMENT_VERSION = 3
 clock = time.perf_counter  # tests replace it
 
 
