@@ -3,9 +3,9 @@
 Eagerly, GELU -> BatchNorm2d makes about twelve passes over the activations per training step (GELU, the batch
 statistics, the normalisation, BatchNorm's two-pass backward, GELU's backward) and evaluates erf twice; aten's
 channels-last bf16 BatchNorm backward alone takes longer than GELU. Here the same computation is five inductor
-kernels (see `ActBatchNormFunction`): the forward writes the activation and, for GELU, its slope (one exp for
-both), so the backward needs no erf and no exp; the statistics are fp32 sums of per-image partial sums, shifted by one pixel's value per
-channel so that E[h^2] - E[h]^2 does not cancel.
+kernels (see `ActBatchNormFunction`): the forward writes the activation and its slope (one exp for both), so
+the backward needs no erf and no exp; the statistics are fp32 sums of per-image partial sums, shifted by one
+pixel's value per channel so that E[h^2] - E[h]^2 does not cancel.
 
 `fused_act_batch_norm(x, act, bn)` returns what `bn(act(x))` returns, running statistics and `num_batches_tracked`
 updated the same way, and takes the fused path only for CPU training in fp32 or bf16 of inputs large enough to pay
