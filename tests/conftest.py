@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from isoconv.cli import configure_logging
+from isoconv.models import compiled
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ISOCONV_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -39,6 +40,15 @@ def console_logging():
     """isoconv's log records reach stdout/stderr as the CLI shows them, whether a test calls the CLI or a library
     function (so capsys sees the same lines in any test order)."""
     configure_logging()
+
+
+@pytest.fixture(autouse=True)
+def aten_unless_a_test_asks(monkeypatch):
+    """In this process, training stays on aten's kernels unless a test lowers the threshold itself: the CPU fast
+    paths compile inductor kernels (tens of seconds per dtype, layout and kernel size on a fresh machine), which
+    the tests about flags, files and recipes do not need. The fast paths have their own tests (test_depthwise,
+    test_act_norm, and test_crash's run in a real process, where this does not apply)."""
+    monkeypatch.setattr(compiled, "FAST_MIN_ELEMENTS", 2 ** 62)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -95,10 +95,11 @@ def test_sigkill_then_resume_is_bit_identical(reference, data_root, tmp_path, pa
     assert not list(run.glob(".*.tmp"))  # the half-written temporary file is gone after the next save
 
 
-def test_sigkill_then_resume_is_bit_identical_on_the_fast_cpu_path(data_root, tmp_path):
+def test_sigkill_then_resume_is_bit_identical_on_the_fast_cpu_path(data_root, tmp_path, monkeypatch):
     """Width 128 at batch 64 is 64 x 128 x 8 x 8 = 2^19 activation elements per layer: the compiled depthwise
     gradient and fused GELU + BatchNorm (a separate reference run, since FLAGS' tiny model stays on aten;
     in this process, which has loaded the compiled kernels already or will for later tests)."""
+    monkeypatch.undo()  # the real threshold in this process too (conftest keeps other tests on aten)
     flags = [*FLAGS, "--dim", "128", "--activation", "gelu", "--data-dir", str(data_root)]  # the later --dim wins
     assert fast_cpu_training(torch.device("cpu"), torch.float32, 64 * 128 * 8 * 8)
     reference, run = tmp_path / "reference", tmp_path / "run"
