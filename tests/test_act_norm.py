@@ -42,7 +42,6 @@ def run(fn, x, bn, grad):
 @pytest.mark.parametrize("dtype, fmt", [
     (torch.float32, "channels_last"),
     (torch.bfloat16, "contiguous"),
-    (torch.bfloat16, "channels_last"),
 ])
 def test_matches_batch_norm_of_gelu_in_float64(every_size_is_fast, dtype, fmt):
     act = nn.GELU

@@ -98,7 +98,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, data_root, tmp_path, pa
 def test_sigkill_then_resume_is_bit_identical_on_the_fast_cpu_path(data_root, tmp_path, monkeypatch):
     """Width 128 at batch 64 is 64 x 128 x 8 x 8 = 2^19 activation elements per layer: the compiled depthwise
     gradient and fused GELU + BatchNorm (a separate reference run, since FLAGS' tiny model stays on aten;
-    in this process, which has loaded the compiled kernels already or will for later tests)."""
+    the reference and the resumed run in this process, which loads the compiled kernels once)."""
     monkeypatch.undo()  # the real threshold in this process too (conftest keeps other tests on aten)
     flags = [*FLAGS, "--dim", "128", "--activation", "gelu", "--data-dir", str(data_root)]  # the later --dim wins
     assert fast_cpu_training(torch.device("cpu"), torch.float32, 64 * 128 * 8 * 8)
@@ -106,7 +106,7 @@ def test_sigkill_then_resume_is_bit_identical_on_the_fast_cpu_path(data_root, tm
     assert main(["train", *flags, "--out", str(reference)]) == 0
     code, _ = run_until_paused(["train", *flags, "--out", str(run)], "step@6")
     assert code == -signal.SIGKILL
-    run_to_end("train", "--resume", str(run))
+    assert main(["train", "--resume", str(run)]) == 0
     assert_same_run(run, reference)
 
 
