@@ -1,5 +1,5 @@
-"""The fused activation -> BatchNorm of CPU training (isoconv.models.act_norm) against nn.BatchNorm2d(act(x)) in
-float64. Each (activation, dtype, layout) case compiles a few small kernels once (seconds, then cached on disk)."""
+"""The fused GELU -> BatchNorm of CPU training (isoconv.models.act_norm) against nn.BatchNorm2d(gelu(x)) in float64.
+Each (dtype, layout) case compiles a few small kernels once (seconds, then cached on disk)."""
 from __future__ import annotations
 
 import copy
@@ -44,14 +44,13 @@ def run(fn, x, bn, grad):
     (torch.bfloat16, "contiguous"),
 ])
 def test_matches_batch_norm_of_gelu_in_float64(every_size_is_fast, dtype, fmt):
-    act = nn.GELU
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(4, 16, 6, 5, generator=gen) * 2 + 0.5).to(dtype).contiguous(memory_format=FORMATS[fmt])
     grad = torch.randn(4, 16, 6, 5, generator=gen).to(dtype)
     bn = batch_norm()
     reference = copy.deepcopy(bn).double()
-    ours = run(lambda x, bn: fused_act_batch_norm(x, act(), bn), x, bn, grad)
-    refs = run(lambda x, bn: bn(act()(x)), x.double(), reference, grad.double())
+    ours = run(lambda x, bn: fused_act_batch_norm(x, nn.GELU(), bn), x, bn, grad)
+    refs = run(lambda x, bn: bn(nn.GELU()(x)), x.double(), reference, grad.double())
     assert type(ours["output"].grad_fn).__name__ == "ActBatchNormFunctionBackward"  # the fused path ran
     assert ours["output"].dtype == ours["input grad"].dtype == dtype
     assert ours["weight grad"].dtype == torch.float32  # the parameters stay fp32

@@ -1,7 +1,7 @@
 """What the CPU training fast paths (depthwise.py, act_norm.py) share: when to take them, and their inductor kernels.
 
 The fast paths are plain torch functions compiled by inductor, each a fused loop nest. Compiled kernels land in
-inductor's on-disk FX graph cache, so each (function, dtype, shape) is compiled once per machine.
+inductor's on-disk FX graph cache, so each (function, dtype, memory layout) is compiled once per machine.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ FAST_DTYPES = (torch.float32, torch.bfloat16)
 # Each new (kernel, dtype, memory layout, kernel size) costs a compile once per machine (seconds, then inductor's
 # disk cache). From this many activation elements per call the depthwise fast path saves about 3 ms per block and
 # training step (fp32, k5: 5.7 vs 2.9 ms fwd+bwd at [64, 64, 8, 8] on a 2-core EPYC), so it pays back within a
-# few hundred steps; smaller calls (tests, toy runs) stay on aten. cm-cpu at batch 128 is [128, 128, 8, 8] = 2^20, cm-vanilla
-# [128, 256, 16, 16] = 2^23.
+# few hundred steps; smaller calls (tests, toy runs) stay on aten. cm-cpu at batch 128 is [128, 128, 8, 8] = 2^20,
+# cm-vanilla [128, 256, 16, 16] = 2^23.
 FAST_MIN_ELEMENTS = 2 ** 19
 
 # dynamo keeps one compiled variant per dtype, shape and constant argument on each function; its default limit of
