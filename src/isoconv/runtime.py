@@ -25,6 +25,14 @@ AMP_TO_PRECISION = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
 PRECISION_AMP = {p: a for a, p in AMP_TO_PRECISION.items()}  # the --amp value that asks for a precision
 CXX_COMPILERS = ("g++", "clang++", "c++", "cl")
 COMPILE_BACKEND = "inductor"
+CACHE_ENV = "ISOCONV_CACHE"
+DEFAULT_CACHE = "~/.cache/isoconv"
+
+
+def cache_folder() -> Path:
+    """Where isoconv keeps what it measured or built for this machine (`--amp auto` verdicts, CPU kernels):
+    $ISOCONV_CACHE, else ~/.cache/isoconv."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
 def resolve_device(name) -> torch.device:

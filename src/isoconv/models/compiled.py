@@ -1,16 +1,30 @@
-"""What the CPU training fast paths (depthwise.py, act_norm.py) share: when to take them, and their inductor kernels.
+"""What the CPU training fast paths (depthwise.py, act_norm.py) share: when to take them, and their kernels.
 
-The fast paths are plain torch functions compiled by inductor, each a fused loop nest. Compiled kernels land in
-inductor's on-disk FX graph cache, so each (function, dtype, memory layout) is compiled once per machine.
+Two kinds of kernel: plain torch functions compiled by inductor (`CompiledKernel`, each a fused loop nest, kept in
+inductor's on-disk FX graph cache, so each function, dtype and memory layout compiles once per machine), and C
+sources in `csrc/` that the system C compiler builds once per machine into isoconv's cache folder
+(`NativeLibrary`), for loops inductor generates poorly. Both fall back, after one warning, to code that needs no
+compiler.
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["CompiledKernel", "fast_cpu_training", "FAST_MIN_ELEMENTS", "FAST_DTYPES"]
+from ..fileio import atomic_write_with
+from ..runtime import cache_folder, cpu_flags
+
+__all__ = ["CompiledKernel", "NativeLibrary", "fast_cpu_training", "FAST_MIN_ELEMENTS", "FAST_DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +77,73 @@ class CompiledKernel:
                 log.warning("%s: torch.compile failed (%s: %s); continuing without it (slower)", self.name,
                             type(e).__name__, first_line)
         return self.fallback(*args)
+
+
+C_COMPILERS = ("cc", "gcc", "clang")
+C_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+OPENMP_FLAG = "-fopenmp"
+SOURCES = Path(__file__).parent / "csrc"
+NATIVE_FOLDER = "kernels"
+
+
+class NativeLibrary:
+    """`csrc/<source>` built by the system C compiler ($CC, else cc, gcc or clang) with `C_FLAGS` and OpenMP (without
+    it where the compiler has none) and loaded with ctypes. Builds are cached in `<cache folder>/kernels/`, named by a
+    hash of the source, compiler, flags and CPU, so a machine compiles each source once (well under a second); an
+    unwritable cache folder means a build per process. `declare(lib)` sets the functions' ctypes signatures.
+
+    `load()` returns the library, or None after one warning when nothing could build it; callers then use aten."""
+
+    def __init__(self, source: str, declare: Callable[[ctypes.CDLL], None]):
+        self.source, self.declare = source, declare
+        self.library: Optional[ctypes.CDLL] = None
+        self.failed = False
+
+    def load(self) -> Optional[ctypes.CDLL]:
+        if self.library is None and not self.failed:
+            try:
+                self.library = ctypes.CDLL(str(self.build()))
+                self.declare(self.library)
+            except (OSError, subprocess.SubprocessError, AttributeError) as e:
+                self.failed = True
+                log.warning("cannot build the CPU kernels in %s (%s); continuing with aten's (slower)", self.source,
+                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return self.library
+
+    def build(self) -> Path:
+        compiler = find_c_compiler()
+        code = (SOURCES / self.source).read_bytes()
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        key = hashlib.sha256(b"\0".join(part.encode() if isinstance(part, str) else part for part in (
+            code, compiler, version, " ".join(C_FLAGS), platform.machine(), " ".join(sorted(cpu_flags()))))).hexdigest()
+        name = f"{Path(self.source).stem}-{key[:16]}.so"
+        cached = cache_folder() / NATIVE_FOLDER / name
+        if cached.is_file():
+            return cached
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_with(cached, lambda tmp: compile_c(compiler, SOURCES / self.source, tmp))
+            return cached
+        except PermissionError:  # an unwritable cache: build for this process only
+            private = Path(tempfile.mkdtemp(prefix="isoconv-kernels-")) / name
+            compile_c(compiler, SOURCES / self.source, private)
+            return private
+
+
+def find_c_compiler() -> str:
+    for name in ([os.environ["CC"]] if os.environ.get("CC") else []) + list(C_COMPILERS):
+        if shutil.which(name):
+            return name
+    raise OSError("no C compiler found (set CC, or install gcc or clang)")
+
+
+def compile_c(compiler: str, source: Path, output: Path) -> None:
+    """Compile `source` into the shared library `output`, with OpenMP if the compiler has it."""
+    errors = ""
+    for openmp in ([OPENMP_FLAG], []):
+        done = subprocess.run([compiler, *C_FLAGS, *openmp, "-o", str(output), str(source)], capture_output=True,
+                              text=True, timeout=300)
+        if done.returncode == 0:
+            return
+        errors = done.stderr.strip() or done.stdout.strip()
+    raise subprocess.SubprocessError(f"{compiler} failed: {errors.splitlines()[0] if errors else 'no output'}")

@@ -16,7 +16,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
@@ -26,14 +25,12 @@ import torch
 
 from ..config import TrainConfig
 from ..fileio import atomic_write
-from ..runtime import autocast, cpu_flags, cpu_has_native_bf16, cpu_name, resolve_precision
+from ..runtime import CACHE_ENV, autocast, cache_folder, cpu_flags, cpu_has_native_bf16, cpu_name, resolve_precision
 from . import distributed as ddp
 from .distributed import SINGLE, Dist
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "ISOCONV_CACHE"
-DEFAULT_CACHE = "~/.cache/isoconv"
 CACHE_FILE = "amp-auto.json"
 CANDIDATES = ("fp32", "bf16")
 WARMUP_STEPS = 1
@@ -47,7 +44,7 @@ clock = time.perf_counter  # tests replace it
 
 
 def cache_path() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser() / CACHE_FILE
+    return cache_folder() / CACHE_FILE
 
 
 def measurement_key(cfg: TrainConfig, batch: int, image_size: int, num_classes: int) -> str:
