@@ -1,8 +1,10 @@
 """The fused GELU -> BatchNorm of CPU training (isoconv.models.act_norm) against nn.BatchNorm2d(gelu(x)) in float64.
-Each (dtype, layout) case compiles a few small kernels once (seconds, then cached on disk)."""
+Each (dtype, layout) case compiles a few small inductor kernels once (seconds, then cached on disk); channels-last
+inputs run the forward's first pass in the C kernel (csrc/gelu_stats.c), built once per session."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -58,6 +60,27 @@ def test_matches_batch_norm_of_gelu_in_float64(every_size_is_fast, dtype, fmt):
         err = (got.double() - refs[name]).abs().max().item() / refs[name].abs().max().item()
         assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
     assert int(bn.num_batches_tracked) == int(reference.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_gelu_and_channel_sums_against_float64(dtype):
+    # 19 channels: one full 16-channel block and a partial one; 105 pixels: chunks of rows are not all full
+    a = (torch.randn(3, 19, 5, 7, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
+    a = a.contiguous(memory_format=torch.channels_last)
+    h, slope, sum_d, sum_d2, shift = act_norm.gelu_and_channel_sums(a)
+    assert act_norm.native.library is not None and h.dtype == slope.dtype == dtype  # the C kernel ran
+    assert h.is_contiguous(memory_format=torch.channels_last)
+    x = a.double()
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    expected = {"gelu": x * cdf, "slope": cdf + x * torch.exp(-x * x / 2) / math.sqrt(2 * math.pi)}
+    tolerance = 2 ** -8 if dtype == torch.bfloat16 else 1e-6  # bf16: one rounding of each value; fp32: erf's
+    for name, got in (("gelu", h), ("slope", slope)):
+        err = ((got.double() - expected[name]).abs() / expected[name].abs().clamp_min(1.0)).max().item()
+        assert err <= tolerance, f"{name}: relative error {err:.2e}"
+    torch.testing.assert_close(shift, h[0, :, 0, 0].float(), rtol=0, atol=0)  # the first pixel, as stored
+    d = h.double() - shift.double().view(1, -1, 1, 1)
+    torch.testing.assert_close(sum_d.double(), d.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sum_d2.double(), (d * d).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
 
 
 def test_cumulative_average_without_momentum(every_size_is_fast):
