@@ -44,7 +44,7 @@ def test_doctor_on_cpu_passes_every_cpu_feature(monkeypatch, tmp_path, capsys):
     for name in CPU_NOT_APPLICABLE:
         assert table[name][len(name):].split()[0] == "-", table[name]
     for key in ("torch ", "torchvision ", "CPU flags: avx2", "avx512f", "avx512_bf16", "amx_bf16", "threads: ",
-                "allocator: ", "C++ compiler: ", "ready: every fast-path feature for cpu works"):
+                "allocator: ", "C++ compiler: ", "C compiler: ", "ready: every fast-path feature for cpu works"):
         assert key in printed
     report = json.loads(out.read_text())
     assert report["ok"] is True and report["device"] == "cpu"

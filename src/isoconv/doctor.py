@@ -31,6 +31,7 @@ from .errors import UserError
 from .fileio import atomic_write
 from .rundir import RunDir
 from .malloc_tuning import tune_allocator
+from .models.compiled import c_compiler
 from .runtime import cpu_flags, cpu_name, cxx_compiler, resolve_device
 from .train import distributed as ddp
 from .train.loop import evaluate, restore, save_run_checkpoint
@@ -92,7 +93,7 @@ def environment(device: torch.device) -> dict[str, Any]:
             "device_memory_gib": device_memory_gib(device), "cpu": cpu_name(),
             "cpu_flags": {f: f in flags for f in SPEED_FLAGS}, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "allocator": allocator_info(device), "cxx_compiler": cxx_compiler(),
-            "compile_backend": runtime.COMPILE_BACKEND}
+            "compile_backend": runtime.COMPILE_BACKEND, "c_compiler": c_compiler()}
 
 
 def environment_lines(env: dict[str, Any]) -> list[str]:
@@ -103,7 +104,9 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
              "CPU flags: " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in env["cpu_flags"].items()),
              f"threads: {env['threads']} torch threads, {env['cpu_count']} CPUs",
              f"allocator: {env['allocator']}",
-             f"C++ compiler: {env['cxx_compiler'] or 'none on PATH'} (torch.compile backend {env['compile_backend']})"]
+             f"C++ compiler: {env['cxx_compiler'] or 'none on PATH'} (torch.compile backend {env['compile_backend']})",
+             f"C compiler: {env['c_compiler'] or 'none on PATH: CPU training uses aten kernels (slower)'} "
+             f"(CPU training kernels)"]
     return lines
 
 

@@ -130,6 +130,14 @@ class NativeLibrary:
             return private
 
 
+def c_compiler() -> Optional[str]:
+    """The C compiler `NativeLibrary` uses, or None."""
+    try:
+        return find_c_compiler()
+    except OSError:
+        return None
+
+
 def find_c_compiler() -> str:
     for name in ([os.environ["CC"]] if os.environ.get("CC") else []) + list(C_COMPILERS):
         if shutil.which(name):

@@ -38,8 +38,8 @@ TIMED_STEPS = 3
 MARGIN = 1.03  # bf16 must be at least 3% faster: a tie keeps the exact precision
 # Part of the cache key: bump it when the CPU training path changes speed (kernels, fast paths), so that verdicts
 # measured with the old code are measured again. 2: fast depthwise backward from 2^19 elements (cm-cpu); 3: fused
-# activation + BatchNorm.
-MEASUREMENT_VERSION = 3
+# activation + BatchNorm; 4: C kernels for the depthwise weight gradient and GELU + statistics.
+MEASUREMENT_VERSION = 4
 clock = time.perf_counter  # tests replace it
 
 
