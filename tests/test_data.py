@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from isoconv.data import ImageDataset, load_cifar10, load_dataset, resolve_data_root
+from isoconv.augment.batched import BatchAugment
+from isoconv.data import ImageDataset, channel_stats, load_cifar10, load_dataset, resolve_data_root
 from isoconv.data import cifar as cifar_mod
 from isoconv.data.cifar import CIFAR10_MEAN, CIFAR10_STD, RestrictedUnpickler, load_pickle
 from isoconv.errors import UserError
@@ -498,3 +499,16 @@ def test_archive_without_batches_folder(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"no cifar-10-batches-py/ folder"):
         load_cifar10(root, train=False)
     assert not root.exists()
+
+
+def test_a_constant_channel_normalises_to_zero_instead_of_failing():
+    # a folder of images whose blue channel is one value (grey scans, a one-colour background) has std 0 there
+    images = torch.randint(0, 256, (6, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images[:, 2] = 77
+    mean, std = channel_stats(images)
+    assert std[2] == 1.0 and 0 < std[0] < 1 and 0 < std[1] < 1
+    assert mean[2] == 77 / 255
+    augment = BatchAugment(image_size=4, mean=mean, std=std, no_aug=True)
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out[:, 2].abs().max().item() == 0.0
+    assert out[:, :2].std().item() > 0.5

@@ -100,7 +100,8 @@ def channel_stats(images: torch.Tensor) -> Stats:
     """Per-channel mean and (population) std of uint8 (N, 3, H, W) images on the [0, 1] scale.
 
     Exact: a per-channel histogram of the 256 values (numpy's bincount, the fastest exact reduction on a
-    CPU), from which the mean and variance follow in float64.
+    CPU), from which the mean and variance follow in float64. A constant channel (grey images stored as RGB, a
+    one-colour background) has no spread to normalise by: its std is reported as 1, so it normalises to 0.
     """
     if images.shape[0] == 0:
         raise ValueError("channel_stats of an empty image tensor")
@@ -114,4 +115,4 @@ def channel_stats(images: torch.Tensor) -> Stats:
     count = hist.sum(axis=1).astype(np.float64)
     mean = (hist * values).sum(axis=1) / count
     var = (hist * (values - mean[:, None]) ** 2).sum(axis=1) / count
-    return tuple(float(m) / 255 for m in mean), tuple(float(v) ** 0.5 / 255 for v in var)
+    return tuple(float(m) / 255 for m in mean), tuple(float(v) ** 0.5 / 255 if v > 0 else 1.0 for v in var)

@@ -12,7 +12,7 @@ from ..data.provenance import verify_data
 from ..errors import UserError
 from ..models import build_model
 from ..rundir import RunDir
-from ..runtime import resolve_device, resolve_precision
+from ..runtime import PRECISIONS, resolve_device, resolve_precision
 from ..weights import load_checkpoint
 from .evaluate import evaluate, test_report
 
@@ -37,7 +37,7 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
                                 "train_subset": None,
                                 **({"data_dir": data_dir} if data_dir else {})}, "eval flags").validate()
     dev = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.amp, dev)
+    precision = eval_precision(cfg.amp, dev, path.parent)
     meta = state.get("data") or {}
     norm = (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") and meta.get("std") else None
     _, test = load_data(cfg, dev, train=False, norm=norm)  # normalized as in training
@@ -57,6 +57,19 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
             "torch": torch.__version__, "tta": tta, **training_facts(path.parent),
             "data_provenance": verify_data(cfg.dataset, resolve_data_root(cfg.data_dir)), "test_split": cfg.test_split,
             "test_subset": cfg.test_subset, "test_images_total": test.split_images, **fields, "report_text": report}
+
+
+def eval_precision(amp: str, device: torch.device, run_dir: Path) -> str:
+    """The precision to evaluate in. `--amp auto` means the one the run trained (and reported its test accuracy) in,
+    per its summary, when it trained on the same kind of device: on a CPU auto is decided by a measurement at
+    training time, which the rule in runtime.resolve_precision does not repeat. Otherwise that rule."""
+    if amp == "auto":
+        summary = RunDir(run_dir).read_summary() or {}
+        trained, trained_on = summary.get("amp"), str(summary.get("device", ""))
+        if trained in PRECISIONS and trained_on.split(":")[0] == device.type and (trained != "fp16" or
+                                                                                  device.type == "cuda"):
+            return trained
+    return resolve_precision(amp, device)
 
 
 def training_facts(run_dir: Path) -> dict[str, Any]:
