@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from .compiled import CompiledKernel, NativeLibrary, fast_cpu_training
 
@@ -113,19 +114,21 @@ def gelu_and_channel_sums(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Te
     h, slope = torch.empty_like(a), torch.empty_like(a)
     c = a.shape[1]
     sum_d, sum_d2, shift = (torch.empty(c, dtype=torch.float32) for _ in range(3))
-    status = lib.gelu_stats(a.data_ptr(), h.data_ptr(), slope.data_ptr(), int(a.dtype == torch.bfloat16),
-                            a.numel() // c, c, sum_d.data_ptr(), sum_d2.data_ptr(), shift.data_ptr(),
-                            torch.get_num_threads())
+    with record_function("GELU + BatchNorm statistics (C)"):  # names the kernel in `isoconv bench --profile`
+        status = lib.gelu_stats(a.data_ptr(), h.data_ptr(), slope.data_ptr(), int(a.dtype == torch.bfloat16),
+                                a.numel() // c, c, sum_d.data_ptr(), sum_d2.data_ptr(), shift.data_ptr(),
+                                torch.get_num_threads())
     if status != 0:
         raise MemoryError(f"GELU -> BatchNorm of {tuple(a.shape)} found no memory for its partial sums")
     return h, slope, sum_d, sum_d2, shift
 
 
-_activate_gelu = CompiledKernel(activate_gelu, "GELU")
-_channel_sums = CompiledKernel(channel_sums, "BatchNorm statistics")
-_normalize = CompiledKernel(normalize, "BatchNorm")
-_backward_sums = CompiledKernel(backward_sums, "BatchNorm backward")
-_input_grad = CompiledKernel(input_grad, "GELU + BatchNorm backward")
+# the names label the kernels in warnings and in `isoconv bench --profile`
+_activate_gelu = CompiledKernel(activate_gelu, "GELU (inductor)")
+_channel_sums = CompiledKernel(channel_sums, "BatchNorm statistics (inductor)")
+_normalize = CompiledKernel(normalize, "BatchNorm normalisation (inductor)")
+_backward_sums = CompiledKernel(backward_sums, "BatchNorm backward sums (inductor)")
+_input_grad = CompiledKernel(input_grad, "GELU + BatchNorm input gradient (inductor)")
 
 
 class ActBatchNormFunction(torch.autograd.Function):

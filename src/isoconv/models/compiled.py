@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.profiler import record_function
 
 from ..fileio import atomic_write_with
 from ..runtime import cache_folder, cpu_flags
@@ -69,7 +70,7 @@ class CompiledKernel:
             if self.compiled is None:
                 self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=True)
             try:
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), record_function(self.name):
                     return self.compiled(*args)
             except Exception as e:  # whatever failed in compiling, the fallback computes the same
                 self.failed = True
