@@ -64,7 +64,7 @@ def test_matches_batch_norm_of_gelu_in_float64(every_size_is_fast, dtype, fmt):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_gelu_and_channel_sums_against_float64(dtype):
-    # 19 channels: one full 16-channel block and a partial one; 105 pixels: chunks of rows are not all full
+    # 19 channels: full vector blocks (8 or 16 channels) and a partial one; 105 pixels: chunks of rows are not all full
     a = (torch.randn(3, 19, 5, 7, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
     a = a.contiguous(memory_format=torch.channels_last)
     h, slope, sum_d, sum_d2, shift = act_norm.gelu_and_channel_sums(a)

@@ -1,12 +1,13 @@
 """The depthwise convolution with the fast CPU backward (isoconv.models.depthwise) against aten in float64.
 
 The fp32/bf16 cases run the weight gradient's C kernel (csrc/depthwise_grad.c, built once per session into the
-session's $ISOCONV_CACHE), so they cover channel counts that are not a multiple of its 16-channel blocks, kernel
-widths past its 8-column passes, even kernels with asymmetric padding and batches that are not a multiple of its
-4-image chunks."""
+session's $ISOCONV_CACHE), so they cover channel counts that are not a multiple of its 8- or 16-channel blocks (the
+vector width), kernel widths past its 8-column passes, even kernels with asymmetric padding and batches that are not
+a multiple of its 4-image chunks."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isoconv.models import compiled, depthwise
+from isoconv.models import act_norm, compiled, depthwise
 from isoconv.models.depthwise import DepthwiseConv2d, depthwise_conv2d, resolve_padding, use_fast_depthwise
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -223,3 +224,23 @@ print("fell back")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fell back" in proc.stdout
     assert "cannot build the CPU kernels in depthwise_grad.c (no C compiler found" in proc.stderr
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 flag")
+def test_the_build_for_cpus_without_avx512_gives_the_same_results(tmp_path, monkeypatch):
+    # AVX2-only CPUs get 8-channel vectors instead of 16; each channel is summed in the same order either way, and
+    # what is left is where the compiler fused a multiply and an add (last-bit differences)
+    monkeypatch.setenv("ISOCONV_CACHE", str(tmp_path))
+    x, weight, bias = make_inputs(5, 37, 9, 11, 5, torch.bfloat16, torch.channels_last, seed=6)
+    wide = (grads(fast("same"), x, weight, bias, grad_out_dtype=torch.bfloat16),
+            act_norm.gelu_and_channel_sums(x.float().contiguous(memory_format=torch.channels_last)))
+    monkeypatch.setattr(depthwise, "native", compiled.NativeLibrary(
+        "depthwise_grad.c", depthwise.declare_param_grads, extra_flags=("-mno-avx512f",)))
+    monkeypatch.setattr(act_norm, "native", compiled.NativeLibrary(
+        "gelu_stats.c", act_norm.declare_gelu_stats, extra_flags=("-mno-avx512f",)))
+    narrow = (grads(fast("same"), x, weight, bias, grad_out_dtype=torch.bfloat16),
+              act_norm.gelu_and_channel_sums(x.float().contiguous(memory_format=torch.channels_last)))
+    assert depthwise.native.library is not None and act_norm.native.library is not None
+    assert len(list((tmp_path / compiled.NATIVE_FOLDER).iterdir())) == 4  # both sources, both targets
+    for a, b in zip(wide[0] + wide[1], narrow[0] + narrow[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -91,12 +91,13 @@ class NativeLibrary:
     """`csrc/<source>` built by the system C compiler ($CC, else cc, gcc or clang) with `C_FLAGS` and OpenMP (without
     it where the compiler has none) and loaded with ctypes. Builds are cached in `<cache folder>/kernels/`, named by a
     hash of the source, compiler, flags and CPU, so a machine compiles each source once (well under a second); an
-    unwritable cache folder means a build per process. `declare(lib)` sets the functions' ctypes signatures.
+    unwritable cache folder means a build per process. `declare(lib)` sets the functions' ctypes signatures;
+    `extra_flags` (tests) build for another target, e.g. ("-mno-avx512f",) for the code AVX2-only CPUs get.
 
     `load()` returns the library, or None after one warning when nothing could build it; callers then use aten."""
 
-    def __init__(self, source: str, declare: Callable[[ctypes.CDLL], None]):
-        self.source, self.declare = source, declare
+    def __init__(self, source: str, declare: Callable[[ctypes.CDLL], None], extra_flags: tuple[str, ...] = ()):
+        self.source, self.declare, self.flags = source, declare, C_FLAGS + tuple(extra_flags)
         self.library: Optional[ctypes.CDLL] = None
         self.failed = False
 
@@ -115,19 +116,19 @@ class NativeLibrary:
         compiler = find_c_compiler()
         code = (SOURCES / self.source).read_bytes()
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256(b"\0".join(part.encode() if isinstance(part, str) else part for part in (
-            code, compiler, version, " ".join(C_FLAGS), platform.machine(), " ".join(sorted(cpu_flags()))))).hexdigest()
+        parts = (code, compiler, version, " ".join(self.flags), platform.machine(), " ".join(sorted(cpu_flags())))
+        key = hashlib.sha256(b"\0".join(p.encode() if isinstance(p, str) else p for p in parts)).hexdigest()
         name = f"{Path(self.source).stem}-{key[:16]}.so"
         cached = cache_folder() / NATIVE_FOLDER / name
         if cached.is_file():
             return cached
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_with(cached, lambda tmp: compile_c(compiler, SOURCES / self.source, tmp))
+            atomic_write_with(cached, lambda tmp: compile_c(compiler, self.flags, SOURCES / self.source, tmp))
             return cached
         except PermissionError:  # an unwritable cache: build for this process only
             private = Path(tempfile.mkdtemp(prefix="isoconv-kernels-")) / name
-            compile_c(compiler, SOURCES / self.source, private)
+            compile_c(compiler, self.flags, SOURCES / self.source, private)
             return private
 
 
@@ -146,11 +147,11 @@ def find_c_compiler() -> str:
     raise OSError("no C compiler found (set CC, or install gcc or clang)")
 
 
-def compile_c(compiler: str, source: Path, output: Path) -> None:
+def compile_c(compiler: str, flags: tuple[str, ...], source: Path, output: Path) -> None:
     """Compile `source` into the shared library `output`, with OpenMP if the compiler has it."""
     errors = ""
     for openmp in ([OPENMP_FLAG], []):
-        done = subprocess.run([compiler, *C_FLAGS, *openmp, "-o", str(output), str(source)], capture_output=True,
+        done = subprocess.run([compiler, *flags, *openmp, "-o", str(output), str(source)], capture_output=True,
                               text=True, timeout=300)
         if done.returncode == 0:
             return

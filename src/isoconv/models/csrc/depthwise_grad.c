@@ -3,8 +3,8 @@
        dW[c, i, j] = sum over n, y, x of g[n, y, x, c] * xpad[n, y + i, x + j, c],    db[c] = sum of g[n, y, x, c]
 
    Each thread takes chunks of images. Per image it converts x (zero-padded) and g to fp32 in its own buffers,
-   regrouped as [channel block of 16][row][column][16] so that one block's data is contiguous and stays in cache,
-   then for each block, kernel row and group of up to 8 kernel columns runs over the image with one vector
+   regrouped as [channel block][row][column][LANES channels] so that one block's data is contiguous and stays in
+   cache, then for each block, kernel row and group of up to 8 kernel columns runs over the image with one vector
    accumulator per column (one load of g, one load of x and one FMA per column and pixel). Sums are fp32; each
    chunk writes its own partial sums, added in a fixed order at the end, so results do not depend on the thread
    count. Built by compiled.py with the system C compiler (-O3 -march=native -fopenmp); GCC vector extensions keep
@@ -18,7 +18,13 @@
 static int omp_get_thread_num(void) { return 0; }
 #endif
 
-#define LANES 16        /* channels per block: one 64-byte vector of fp32 */
+/* channels per vector (and per block): one register of fp32, 16 with AVX-512, else 8 (wider vectors than the
+   registers spill, and an AVX2 build ran 4-5x slower with 16) */
+#if defined(__AVX512F__)
+#define LANES 16
+#else
+#define LANES 8
+#endif
 #define MAX_COLS 8      /* kernel columns summed in one pass */
 #define CHUNK 4         /* images per chunk (a unit of parallel work with its own partial sums) */
 
