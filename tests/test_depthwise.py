@@ -224,6 +224,7 @@ print("fell back")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fell back" in proc.stdout
     assert "cannot build the CPU kernels in depthwise_grad.c (no C compiler found" in proc.stderr
+    assert "continuing without them (slower)" in proc.stderr
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 flag")
@@ -244,3 +245,16 @@ def test_the_build_for_cpus_without_avx512_gives_the_same_results(tmp_path, monk
     assert len(list((tmp_path / compiled.NATIVE_FOLDER).iterdir())) == 4  # both sources, both targets
     for a, b in zip(wide[0] + wide[1], narrow[0] + narrow[1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_an_unwritable_cache_builds_the_kernel_for_the_process(tmp_path, monkeypatch):
+    read_only = tmp_path / "cache"
+    read_only.mkdir()
+    monkeypatch.setenv("ISOCONV_CACHE", str(read_only))
+
+    def read_only_file_system(*args):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(compiled, "atomic_write_with", read_only_file_system)
+    library = compiled.NativeLibrary("depthwise_grad.c", depthwise.declare_param_grads)
+    assert library.load() is not None and not library.failed
+    assert list(read_only.rglob("*.so")) == []

@@ -94,7 +94,8 @@ class NativeLibrary:
     unwritable cache folder means a build per process. `declare(lib)` sets the functions' ctypes signatures;
     `extra_flags` (tests) build for another target, e.g. ("-mno-avx512f",) for the code AVX2-only CPUs get.
 
-    `load()` returns the library, or None after one warning when nothing could build it; callers then use aten."""
+    `load()` returns the library, or None after one warning when nothing could build it; callers then use aten's or
+    inductor's kernels."""
 
     def __init__(self, source: str, declare: Callable[[ctypes.CDLL], None], extra_flags: tuple[str, ...] = ()):
         self.source, self.declare, self.flags = source, declare, C_FLAGS + tuple(extra_flags)
@@ -108,7 +109,7 @@ class NativeLibrary:
                 self.declare(self.library)
             except (OSError, subprocess.SubprocessError, AttributeError) as e:
                 self.failed = True
-                log.warning("cannot build the CPU kernels in %s (%s); continuing with aten's (slower)", self.source,
+                log.warning("cannot build the CPU kernels in %s (%s); continuing without them (slower)", self.source,
                             str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         return self.library
 
@@ -126,7 +127,7 @@ class NativeLibrary:
             cached.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_with(cached, lambda tmp: compile_c(compiler, self.flags, SOURCES / self.source, tmp))
             return cached
-        except PermissionError:  # an unwritable cache: build for this process only
+        except OSError:  # an unwritable cache (read-only, full): build for this process only
             private = Path(tempfile.mkdtemp(prefix="isoconv-kernels-")) / name
             compile_c(compiler, self.flags, SOURCES / self.source, private)
             return private
