@@ -91,6 +91,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
     (torch.bfloat16, 3, "same", 3, 16, "channels_last"),
     (torch.bfloat16, 6, "same", 6, 33, "contiguous"),
     (torch.bfloat16, 5, 2, 2, 7, "channels_last"),
+    (torch.float32, 7, "same", 2, 24, "channels_last"),  # ConvNeXt's kernel
+    (torch.float32, 8, 3, 2, 17, "contiguous"),
+    (torch.bfloat16, 1, 0, 3, 16, "channels_last"),
 ])
 def test_low_precision_against_float64(dtype, k, padding, n, c, fmt):
     x, weight, bias = make_inputs(n, c, 12, 10, k, dtype, FORMATS[fmt])
