@@ -10,6 +10,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 /* channels per vector (and per block): one register of fp32, 16 with AVX-512, else 8 (wider vectors than the
    registers spill, and an AVX2 build ran 4-5x slower with 16) */
@@ -59,13 +62,24 @@ static inline vf load_channels(const void *src, int is_bf16) {
     return (vf)*(const vf_unaligned *)src;
 }
 
-/* fp32 -> bf16, rounding to nearest even (NaN stays NaN) */
+/* fp32 -> bf16, rounding to nearest even (NaN stays NaN): the CPU's instruction where it has one (AVX512-BF16,
+   which also flushes denormals to zero, as aten's vectorised conversion there does), else integer arithmetic, which
+   took 30% of this kernel's time */
+#if defined(__AVX512BF16__) && LANES == 16
+static inline vbf to_bf16(vf v) {
+    const __m256bh converted = _mm512_cvtneps_pbh((__m512)v);
+    vbf out;
+    memcpy(&out, &converted, sizeof(out));
+    return out;
+}
+#else
 static inline vbf to_bf16(vf v) {
     const vu bits = (vu)v;
     const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     const vu quiet_nan = (vu){0} + 0x7fc0u;
     return __builtin_convertvector((vu)choose(v != v, (vf)quiet_nan, (vf)rounded), vbf);
 }
+#endif
 
 /* the value as stored: rounded to bf16 and back, or unchanged in fp32 */
 static inline vf store_channels(void *dst, vf v, int is_bf16) {
