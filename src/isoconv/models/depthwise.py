@@ -19,16 +19,15 @@ included, it is nn.Conv2d.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
-
 import ctypes
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from .compiled import FAST_MIN_ELEMENTS, NativeLibrary, fast_cpu_training
+from .compiled import FAST_DTYPES, FAST_MIN_ELEMENTS, NativeLibrary, fast_cpu_training
 
 __all__ = ["DepthwiseConv2d", "depthwise_conv2d", "resolve_padding", "use_fast_depthwise"]
 
@@ -106,8 +105,8 @@ native = NativeLibrary("depthwise_grad.c", declare_param_grads)
 
 
 def param_grads_native(grad_out: Tensor, x: Tensor, kh: int, kw: int, pad: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """fp32 (weight, bias) gradients from the C kernel, for channels-last fp32 or bf16 inputs; aten's when the
-    kernel cannot be built."""
+    """(weight, bias) gradients from the C kernel in fp32, for channels-last fp32 or bf16 inputs; aten's (in x's
+    dtype) when the kernel cannot be built."""
     lib = native.load()
     if lib is None:
         return param_grads_aten(grad_out, x, kh, kw, pad)
@@ -131,7 +130,7 @@ def depthwise_param_grads(grad_out: Tensor, x: Tensor, kh: int, kw: int, pad: li
     in fp32 (float64 for float64, which runs the sums eagerly: it is for checking, not for speed)."""
     if x.dtype == torch.float64:
         return param_grad_sums(grad_out, x, kh, kw, pad)
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    if x.device.type != "cpu" or x.dtype not in FAST_DTYPES:
         grad_w, grad_b = param_grads_aten(grad_out, x, kh, kw, pad)
         return grad_w.to(x.dtype), grad_b.to(x.dtype)
     # the C kernel reads channels innermost (channels-last), where its sums vectorise
