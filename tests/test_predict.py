@@ -226,3 +226,32 @@ def test_predict_runs_in_the_training_precision(run_dir, images, tmp_path, capsy
            for precision in ("bf16", "fp32")}
     assert max(abs(g - p) for g, p in zip(got, top["bf16"])) < 1e-6
     assert max(abs(g - p) for g, p in zip(got, top["fp32"])) > 1e-5  # it really ran in bf16
+
+
+def test_predict_with_amp_auto_uses_the_precision_the_run_trained_in(run_dir, images, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A run trained with --amp auto predicts in what auto chose then (its summary), as `isoconv eval` does, not in
+    what the rule alone would pick now."""
+    from isoconv import runtime
+    from isoconv.eval.evaluate import predict_logits
+    from isoconv.weights import load_checkpoint
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)  # the rule alone would say bf16
+    state = load_checkpoint(run_dir / "last.pt")
+    auto_run = tmp_path / "auto"
+    auto_run.mkdir()
+    save_checkpoint({**state, "config": {**state["config"], "amp": "auto"}}, auto_run / "last.pt")
+    (auto_run / "summary.json").write_text(json.dumps({"amp": "fp32", "device": "cpu"}))
+    model, preprocess = isoconv.load(auto_run)
+    files = [images / name for name in GOOD[:3]]
+    batch = torch.stack([preprocess.image_to_uint8(f) for f in files])
+    top = {precision: predict_logits(model, batch, preprocess.mean, preprocess.std, device=torch.device("cpu"),
+                                     precision=precision).softmax(1).max(1).values.tolist()
+           for precision in ("bf16", "fp32")}
+    for target in (auto_run, auto_run / "last.pt"):
+        code, out, _ = run_cli(["predict", str(target), *map(str, files), "--format", "json", "--top-k", "1"],
+                               capsys)
+        assert code == 0
+        got = [p["top"][0]["probability"] for p in json.loads(out)["predictions"]]
+        assert max(abs(g - p) for g, p in zip(got, top["fp32"])) < 1e-6, target
+        assert max(abs(g - p) for g, p in zip(got, top["bf16"])) > 1e-5, target

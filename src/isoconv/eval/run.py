@@ -64,7 +64,8 @@ def eval_precision(amp: str, device: torch.device, run_dir: Path) -> str:
     per its summary, when it trained on the same kind of device: on a CPU auto is decided by a measurement at
     training time, which the rule in runtime.resolve_precision does not repeat. Otherwise that rule."""
     if amp == "auto":
-        summary = RunDir(run_dir).read_summary() or {}
+        summary = RunDir(run_dir).read_summary()
+        summary = summary if isinstance(summary, dict) else {}
         trained, trained_on = summary.get("amp"), str(summary.get("device", ""))
         if trained in PRECISIONS and trained_on.split(":")[0] == device.type and (trained != "fp16" or
                                                                                   device.type == "cuda"):

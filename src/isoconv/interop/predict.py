@@ -15,7 +15,8 @@ import torch
 from ..data.images import BadImageError
 from ..errors import UserError
 from ..eval.evaluate import predict_logits
-from ..runtime import resolve_device, resolve_precision
+from ..eval.run import eval_precision
+from ..runtime import resolve_device
 from .load import OnnxModel, preprocess_for, read_model
 from .preprocess import Preprocess, collect_image_paths
 
@@ -60,8 +61,7 @@ def predict_files(target: Union[str, Path], inputs: Iterable[Union[str, Path]], 
     dev = resolve_device(device)
     model, meta = read_model(Path(target), dev)
     preprocess = preprocess_for(meta)
-    precision = "fp32" if isinstance(model, (OnnxModel, torch.jit.ScriptModule)) else \
-        resolve_precision(meta.config.get("amp", "off"), dev)
+    precision = predict_precision(model, meta.config.get("amp", "off"), dev, Path(target))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*padding='same' with even kernel")  # a note on speed only
         for start in range(0, len(paths), batch_size):
@@ -72,6 +72,14 @@ def predict_files(target: Union[str, Path], inputs: Iterable[Union[str, Path]], 
                 probs = logits.softmax(1).cpu()
                 result.predictions.extend(top_predictions(names, probs, preprocess.classes, top_k))
     return result
+
+
+def predict_precision(model: torch.nn.Module, amp: str, device: torch.device, target: Path) -> str:
+    """Exported graphs run as exported (fp32); a run folder, or weights inside one, in the precision `isoconv eval`
+    would use (for `--amp auto`, the one the run trained in)."""
+    if isinstance(model, (OnnxModel, torch.jit.ScriptModule)):
+        return "fp32"
+    return eval_precision(amp, device, target if target.is_dir() else target.parent)
 
 
 def decode_batch(paths: Sequence[Path], preprocess: Preprocess, result: PredictResult,
