@@ -90,8 +90,8 @@ NATIVE_FOLDER = "kernels"
 class NativeLibrary:
     """`csrc/<source>` built by the system C compiler ($CC, else cc, gcc or clang) with `C_FLAGS` and OpenMP (without
     it where the compiler has none) and loaded with ctypes. Builds are cached in `<cache folder>/kernels/`, named by a
-    hash of the source, compiler, flags and CPU, so a machine compiles each source once (well under a second); an
-    unwritable cache folder means a build per process. `declare(lib)` sets the functions' ctypes signatures;
+    hash of the source (with csrc's headers), compiler, flags and CPU, so a machine compiles each source once (well
+    under a second); an unwritable cache folder means a build per process. `declare(lib)` sets the functions' ctypes signatures;
     `extra_flags` (tests) build for another target, e.g. ("-mno-avx512f",) for the code AVX2-only CPUs get.
 
     `load()` returns the library, or None after one warning when nothing could build it; callers then use aten's or
@@ -115,7 +115,7 @@ class NativeLibrary:
 
     def build(self) -> Path:
         compiler = find_c_compiler()
-        code = (SOURCES / self.source).read_bytes()
+        code = b"".join(path.read_bytes() for path in [SOURCES / self.source, *sorted(SOURCES.glob("*.h"))])
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
         parts = (code, compiler, version, " ".join(self.flags), platform.machine(), " ".join(sorted(cpu_flags())))
         key = hashlib.sha256(b"\0".join(p.encode() if isinstance(p, str) else p for p in parts)).hexdigest()

@@ -12,23 +12,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "vectors.h"
 #ifdef _OPENMP
 #include <omp.h>
 #else
 static int omp_get_thread_num(void) { return 0; }
 #endif
 
-/* channels per vector (and per block): one register of fp32, 16 with AVX-512, else 8 (wider vectors than the
-   registers spill, and an AVX2 build ran 4-5x slower with 16) */
-#if defined(__AVX512F__)
-#define LANES 16
-#else
-#define LANES 8
-#endif
 #define MAX_COLS 8      /* kernel columns summed in one pass */
 #define CHUNK 4         /* images per chunk (a unit of parallel work with its own partial sums) */
-
-typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 
 /* 64-byte aligned, zeroed vectors (calloc's alignment is too small for vf) */
 static vf *zeroed_vectors(int64_t count) {
@@ -41,19 +34,9 @@ typedef struct {
     int64_t c, blocks, h, w, ho, wo, kh, kw, top, left, hp, wp;
 } shape_t;
 
-typedef uint16_t vbf __attribute__((vector_size(LANES * sizeof(uint16_t)), aligned(2)));
-typedef uint32_t vu32 __attribute__((vector_size(LANES * sizeof(uint32_t))));
-typedef float vf_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
-
 /* LANES channels at src (bf16 or fp32) as fp32; `lanes` < LANES reads only those and zeroes the rest */
 static inline vf load_channels(const void *src, int is_bf16, int64_t lanes) {
-    if (lanes == LANES) {
-        if (is_bf16) {
-            vu32 bits = __builtin_convertvector(*(const vbf *)src, vu32) << 16;
-            return (vf)bits;
-        }
-        return (vf)*(const vf_unaligned *)src;
-    }
+    if (lanes == LANES) return load_vector(src, is_bf16);
     float out[LANES] = {0};
     for (int64_t l = 0; l < lanes; l++) {
         if (is_bf16) {

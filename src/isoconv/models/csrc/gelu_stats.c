@@ -14,20 +14,11 @@
 #include <immintrin.h>
 #endif
 
-/* channels per vector (and per block): one register of fp32, 16 with AVX-512, else 8 (wider vectors than the
-   registers spill, and an AVX2 build ran 4-5x slower with 16) */
-#if defined(__AVX512F__)
-#define LANES 16
-#else
-#define LANES 8
-#endif
+#include "vectors.h"
+
 #define CHUNK_ROWS 512
 
-typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
-typedef uint32_t vu __attribute__((vector_size(LANES * sizeof(uint32_t))));
-typedef uint16_t vbf __attribute__((vector_size(LANES * sizeof(uint16_t)), aligned(2)));
-typedef float vf_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
 
 static const float INV_SQRT2 = 0.70710678118654752f, INV_SQRT_2PI = 0.39894228040143268f;
 static const float P = 0.3275911f, A1 = 0.254829592f, A2 = -0.284496736f, A3 = 1.421413741f, A4 = -1.453152027f,
@@ -57,11 +48,6 @@ static inline vf exp_nonpositive(vf x) {
     return p * (vf)scale;
 }
 
-static inline vf load_channels(const void *src, int is_bf16) {
-    if (is_bf16) return (vf)(__builtin_convertvector(*(const vbf *)src, vu) << 16);
-    return (vf)*(const vf_unaligned *)src;
-}
-
 /* fp32 -> bf16, rounding to nearest even (NaN stays NaN): the CPU's instruction where it has one (AVX512-BF16,
    which also flushes denormals to zero, as aten's vectorised conversion there does), else integer arithmetic, which
    took 30% of this kernel's time */
@@ -86,7 +72,7 @@ static inline vf store_channels(void *dst, vf v, int is_bf16) {
     if (is_bf16) {
         const vbf b = to_bf16(v);
         memcpy(dst, &b, sizeof(b));
-        return (vf)(__builtin_convertvector(b, vu) << 16);
+        return widen_bf16(b);
     }
     memcpy(dst, &v, sizeof(v));
     return v;
@@ -113,11 +99,11 @@ static void block_rows(const char *a, char *h, char *slope, int is_bf16, int64_t
     for (int64_t r = 0; r < rows; r++) {
         vf av, hv, sv;
         if (lanes == LANES) {
-            av = load_channels(a + r * pitch, is_bf16);
+            av = load_vector(a + r * pitch, is_bf16);
         } else {
             char tmp[LANES * 4] = {0};
             memcpy(tmp, a + r * pitch, (size_t)(lanes * elem));
-            av = load_channels(tmp, is_bf16);
+            av = load_vector(tmp, is_bf16);
         }
         gelu_and_slope(av, &hv, &sv);
         if (lanes == LANES) {
@@ -156,7 +142,7 @@ int gelu_stats(const void *a, void *h, void *slope, int is_bf16, int64_t rows, i
         char in[LANES * 4] = {0}, out[LANES * 4];
         memcpy(in, (const char *)a + b * LANES * elem, (size_t)(lanes * elem));
         vf hv, sv;
-        gelu_and_slope(load_channels(in, is_bf16), &hv, &sv);
+        gelu_and_slope(load_vector(in, is_bf16), &hv, &sv);
         shifts[b] = store_channels(out, hv, is_bf16);
     }
     threads = threads < 1 ? 1 : threads;
