@@ -91,8 +91,9 @@ class NativeLibrary:
     """`csrc/<source>` built by the system C compiler ($CC, else cc, gcc or clang) with `C_FLAGS` and OpenMP (without
     it where the compiler has none) and loaded with ctypes. Builds are cached in `<cache folder>/kernels/`, named by a
     hash of the source (with csrc's headers), compiler, flags and CPU, so a machine compiles each source once (well
-    under a second); an unwritable cache folder means a build per process. `declare(lib)` sets the functions' ctypes signatures;
-    `extra_flags` (tests) build for another target, e.g. ("-mno-avx512f",) for the code AVX2-only CPUs get.
+    under a second); an unwritable cache folder means a build per process. `declare(lib)` sets the functions' ctypes
+    signatures; `extra_flags` (tests) build for another target, e.g. ("-mno-avx512f",) for the code AVX2-only CPUs
+    get.
 
     `load()` returns the library, or None after one warning when nothing could build it; callers then use aten's or
     inductor's kernels."""
