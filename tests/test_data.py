@@ -512,3 +512,32 @@ def test_a_constant_channel_normalises_to_zero_instead_of_failing():
     out = augment(images, torch.Generator().manual_seed(0))
     assert out[:, 2].abs().max().item() == 0.0
     assert out[:, :2].std().item() > 0.5
+
+
+def test_lossless_subset_dataset_has_the_official_labels_order_and_pixels(test_ds, train_ds, lossless_subset):
+    ref = np.load(lossless_subset)
+    for split, jpeg, n in (("train", train_ds, 4000), ("test", test_ds, 1000)):
+        ds = load_dataset("cifar10-lossless", lossless_subset.parent, split)
+        assert (ds.name, ds.split, len(ds), ds.classes) == ("cifar10-lossless", split, n, CLASSES)
+        assert ref[f"{split}_indices"].tolist() == list(range(n))
+        assert ds.labels.tolist() == jpeg.labels[:n].tolist()  # official order: the same labels as the JPEG copy
+        assert torch.equal(ds.images, torch.from_numpy(ref[f"{split}_images_hwc"]).permute(0, 3, 1, 2))
+        assert (ds.mean, ds.std) == (jpeg.mean, jpeg.std) == (CIFAR10_MEAN, CIFAR10_STD)
+        assert not torch.equal(ds.images, jpeg.images[:n])  # the pixels are the lossless ones
+    # pointing at the .npz itself, or at cifar-10-batches-py beside it, finds the same file
+    for root in (lossless_subset, lossless_subset.parent / "cifar-10-batches-py"):
+        assert len(load_dataset("Cifar10_Lossless", root, "test")) == 1000
+
+
+def test_lossless_subset_missing_or_broken_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"cifar10_lossless_reference_subset.npz not found: --dataset "
+                                        r"cifar10-lossless reads"):
+        load_dataset("cifar10-lossless", tmp_path, "test")
+    bad = tmp_path / "cifar10_lossless_reference_subset.npz"
+    np.savez(bad, test_images_hwc=np.zeros((2, 32, 32, 3), np.uint8), test_labels=np.zeros(2, np.uint8),
+             test_indices=np.array([1, 0], np.int32))
+    with pytest.raises(UserError, match=r"test_indices are not 0..1 in order"):
+        load_dataset("cifar10-lossless", tmp_path, "test")
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(UserError, match=r"is not a readable CIFAR-10 lossless subset"):
+        load_dataset("cifar10-lossless", tmp_path, "test")

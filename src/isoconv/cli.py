@@ -19,7 +19,7 @@ import torch
 
 from .bench import run_bench, time_to_accuracy
 from .doctor import run_doctor
-from .config import add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
+from .config import DATASET_CHOICES, add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
 from .errors import Interrupted, UserError
 from .fileio import atomic_write, describe_file
 from .eval.run import evaluate_target
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--no-download", dest="download", action="store_false", default=True)
     p.add_argument("--test-subset", type=int)
+    p.add_argument("--dataset", choices=DATASET_CHOICES,
+                   help="evaluate on another dataset's whole test split with the same classes (default: the run's "
+                   "own), e.g. cifar10-lossless for a cifar10 run")
     p.add_argument("--tta", choices=["flip"], help="test-time augmentation: average with the mirrored image")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON (same keys as summary.json)")
@@ -282,7 +285,7 @@ def cmd_eval(args) -> int:
     if args.json:
         check_output_file(args.json, "--json")
     report = evaluate_target(Path(args.target), data_dir=args.data_dir, download=args.download,
-                             test_subset=args.test_subset, tta=args.tta, device=args.device)
+                             test_subset=args.test_subset, tta=args.tta, device=args.device, dataset=args.dataset)
     print(report["report_text"])
     print(f"test top-1 {report['test_top1']:.4f}  top-5 {report['test_top5']:.4f}  on {report['test_images']} images")
     if args.json:

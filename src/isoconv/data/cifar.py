@@ -32,6 +32,10 @@ CIFAR10_TEST_FILES = ("test_batch",)
 CIFAR10_META_FILE = "batches.meta"
 CIFAR10_NUM_CLASSES = 10
 CIFAR10_IMAGE_SHAPE = (3, 32, 32)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# The lossless pixels of official train 0-3999 and test 0-999 that ship beside the JPEG-degraded copy
+# (shared/data/README.md): `--dataset cifar10-lossless` measures what the JPEG degradation costs.
+LOSSLESS_SUBSET_FILE = "cifar10_lossless_reference_subset.npz"
 
 # ---------------------------------------------------------------------------------------------
 # restricted unpickling
@@ -257,3 +261,43 @@ def load_cifar10(root: Union[str, Path], train: bool, download: bool = True,
         name="cifar10",
         split="train" if train else "test",
     )
+
+
+def _lossless_file(root: Path) -> Path:
+    if root.is_file():
+        return root  # the user pointed at the .npz itself
+    if not (root / LOSSLESS_SUBSET_FILE).is_file() and (root.parent / LOSSLESS_SUBSET_FILE).is_file():
+        return root.parent / LOSSLESS_SUBSET_FILE  # pointed at cifar-10-batches-py beside it
+    return root / LOSSLESS_SUBSET_FILE
+
+
+def load_cifar10_lossless(root: Union[str, Path], train: bool, image_size: Optional[int] = None) -> ImageDataset:
+    """The lossless CIFAR-10 reference subset: official train indices 0-3999 or test indices 0-999.
+
+    Same labels, order, class names and normalization constants as `load_cifar10`, so a model trained on one is
+    evaluated on the other as it is, and `--dataset cifar10 --train-subset 4000 --test-subset 1000` is the same
+    images with the JPEG-degraded pixels of the shared copy.
+    """
+    path = _lossless_file(Path(root).expanduser())
+    split = "train" if train else "test"
+    if not path.is_file():
+        raise UserError(f"{path} not found: --dataset cifar10-lossless reads {LOSSLESS_SUBSET_FILE}; pass --data-dir "
+                        f"DIR for the folder that holds it (shared/data)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            pixels, labels, indices = (z[f"{split}_{key}"] for key in ("images_hwc", "labels", "indices"))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{path} is not a readable CIFAR-10 lossless subset ({exc}); restore the file from "
+                        f"shared/data") from None
+    if pixels.ndim != 4 or pixels.shape[1:] != (32, 32, 3) or not (len(pixels) == len(labels) == len(indices)):
+        raise UserError(f"{path}: {split}_images_hwc has shape {pixels.shape}, expected (N, 32, 32, 3) with N labels "
+                        f"and indices; restore the file from shared/data")
+    if not np.array_equal(indices, np.arange(len(indices))):
+        raise UserError(f"{path}: {split}_indices are not 0..{len(indices) - 1} in order; restore the file from "
+                        f"shared/data")
+    images = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+    if image_size is not None:
+        images = resize_images(images, image_size)
+    return ImageDataset(images=images, labels=torch.from_numpy(labels.astype(np.int64)),
+                        classes=list(CIFAR10_CLASSES), mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                        name="cifar10-lossless", split=split)

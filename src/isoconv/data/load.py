@@ -7,10 +7,10 @@ from typing import Optional, Union
 
 import torch
 
-from ..config import TrainConfig
+from ..config import DATASET_CHOICES, TrainConfig
 from ..errors import ConfigError, UserError
 from .cache import DatasetCache, FailedLoadCleanup
-from .cifar import load_cifar10
+from .cifar import load_cifar10, load_cifar10_lossless
 from .cifar100 import load_cifar100
 from .dataset import ImageDataset
 from .folder import load_folder
@@ -18,7 +18,7 @@ from .root import resolve_data_root
 from .splits import Stats, select_test_split
 from .tinyimagenet import TINY_IMAGENET_FOLDER, load_tiny_imagenet
 
-DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "folder")
+DATASETS = DATASET_CHOICES
 SPLITS = ("train", "test")
 
 
@@ -55,6 +55,8 @@ def load_dataset(name: str, root: Union[str, Path], split: str, download: bool =
         if norm is not None:
             ds = replace(ds, mean=tuple(norm[0]), std=tuple(norm[1]))
         return ds
+    if dataset == "cifar10-lossless":
+        return load_cifar10_lossless(root, train=split == "train", image_size=image_size)
     if dataset == "cifar100":
         return load_cifar100(root, train=split == "train", download=download, label_type=label_type,
                              image_size=image_size, norm=norm)

@@ -35,9 +35,11 @@ OFFICIAL_MD5: Dict[str, Dict[str, str]] = {
     },
 }
 OFFICIAL_FOLDER = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-DISPLAY_NAME = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tiny-imagenet": "Tiny ImageNet",
-                "folder": "the image folder"}
+DISPLAY_NAME = {"cifar10": "CIFAR-10", "cifar10-lossless": "CIFAR-10 lossless subset (train 0-3999, test 0-999)",
+                "cifar100": "CIFAR-100", "tiny-imagenet": "Tiny ImageNet", "folder": "the image folder"}
 NO_CHECKSUMS = {
+    "cifar10-lossless": "a subset of the official pixels recovered from another source (shared/data/README.md); no "
+                        "official per-subset checksums",
     "tiny-imagenet": "the official tiny-imagenet-200.zip has an md5, but its extracted files have no official "
                      "checksums, so an extracted copy cannot be checked",
     "folder": "no official checksums for folder datasets",

@@ -27,14 +27,18 @@ def checkpoint_path(target: Path) -> Path:
 
 def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: bool = True,
                     test_subset: Optional[int] = None, tta: Optional[str] = None,
-                    device: str = "auto") -> dict[str, Any]:
-    """The test report of a run's weights: the keys of summary.json plus `report_text`."""
+                    device: str = "auto", dataset: Optional[str] = None) -> dict[str, Any]:
+    """The test report of a run's weights: the keys of summary.json plus `report_text`.
+
+    dataset: evaluate on this dataset's whole test split instead of the run's own (same classes required)."""
     path = checkpoint_path(target)
     state = load_checkpoint(path)
     stored = dict(state["config"])
     cfg = apply_overrides(TrainConfig(), stored, f"checkpoint {path}")
     cfg = apply_overrides(cfg, {"device": device, "download": download, "test_subset": test_subset,
                                 "train_subset": None,
+                                **({"dataset": dataset, "test_split": "full"}
+                                   if dataset and dataset != stored.get("dataset") else {}),
                                 **({"data_dir": data_dir} if data_dir else {})}, "eval flags").validate()
     dev = resolve_device(cfg.device)
     precision = eval_precision(cfg.amp, dev, path.parent)
