@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "isoconv"
 
 # component (first part of the module path) -> layer; a module may import its own component and lower layers
-LAYERS = {"fileio": 1, "errors": 1, "augment": 1, "malloc_tuning": 1,
+LAYERS = {"fileio": 1, "errors": 1, "augment": 1, "malloc_tuning": 1, "zoo": 1,
           "config": 2, "runtime": 2, "rundir": 2,
           "data": 3, "models": 3,
           "weights": 4,

@@ -36,6 +36,7 @@ from .train import distributed as ddp
 from .train import train
 from .train.loop import check_resume_config
 from .weights import load_latest_checkpoint
+from .zoo import zoo_entries
 
 CPU_RECIPE = "cpu-quick"
 GPU_RECIPE = "convmixer-cifar10-25ep"
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list model presets with parameter counts")
     sub.add_parser("recipes", help="list shipped recipes")
+    sub.add_parser("zoo", help="list the trained models shipped with isoconv (usable offline by name)")
 
     p = sub.add_parser("train", help="train a model (no arguments: the default recipe for this hardware)")
     p.add_argument("--recipe", help="recipe name (see `isoconv recipes`) or a YAML file")
@@ -182,6 +184,18 @@ def cmd_models(args) -> int:
     for name in list_models():
         info = model_info(name)
         print(f"{name:<24} {info['family']:<10} {info['params']:>12,}  {info['description']}")
+    print("\nshipped weights (`isoconv zoo`): " + ", ".join(e.name for e in zoo_entries()))
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    """The trained models shipped in the package: `isoconv predict NAME IMAGE` and `isoconv.load(NAME)` use them."""
+    print(f"{'name':<24} {'model':<12} {'top-1':>7}  {'test images':>11}  trained on")
+    for e in zoo_entries():
+        print(f"{e.name:<24} {e.model:<12} {100 * e.test_top1:>6.2f}%  {e.test_images:>11,}  {e.data}")
+    for e in zoo_entries():
+        print(f"\n{e.name}: {e.description}\n  weights: {e.file} (sha256 {e.sha256[:16]}...), commit {e.commit}\n"
+              f"  trained with: {e.command}")
     return 0
 
 
@@ -343,7 +357,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench,
+COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "zoo": cmd_zoo, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench,
             "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate, "report": cmd_report,
             "doctor": cmd_doctor}
 

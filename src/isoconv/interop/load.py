@@ -27,6 +27,7 @@ from ..rundir import CHECKPOINT_NAME
 from ..weights.files import INSTALL_HINT, model_format, read_safetensors, strip_wrapper_prefixes
 from ..weights.meta import META_KEY, ModelMeta
 from ..weights.pretrained import foreign_layout, load_pretrained_into
+from ..zoo import resolve_model_path
 from .preprocess import Preprocess
 
 TORCHSCRIPT_META_FILE = "isoconv.json"
@@ -47,7 +48,8 @@ UNNORMALIZED_LAYOUTS = ("simple-convnext layout",)
 
 def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", model: Optional[str] = None,
          **model_kwargs) -> LoadedModel:
-    """Load a run directory, checkpoint, .safetensors, .onnx or TorchScript file for inference.
+    """Load a run directory, checkpoint, .safetensors, .onnx or TorchScript file, or a zoo model by name
+    (`isoconv zoo` lists them), for inference.
 
     The model is in eval mode on `device` and returns logits for a float32 (B, 3, S, S) batch;
     `preprocess(images)` makes that batch from file paths, PIL images or uint8 tensors.
@@ -56,6 +58,7 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", model
     CIFAR-10-sized images as the seed trained them.
     """
     dev = resolve_device(device)
+    path = resolve_model_path(path)
     if model is not None and foreign_layout(path) is not None:
         return load_foreign(Path(path), dev, model, model_kwargs)
     net, meta = read_model(Path(path), dev)
@@ -84,7 +87,8 @@ def preprocess_for(meta: ModelMeta) -> Preprocess:
 
 
 def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
-    """The model (eval mode, on device) and its metadata."""
+    """The model (eval mode, on device) and its metadata. `path` may name a zoo model."""
+    path = resolve_model_path(path)
     fmt = model_format(path)
     if fmt == "onnx":
         model = OnnxModel(path, device)
