@@ -184,7 +184,7 @@ def cmd_models(args) -> int:
     for name in list_models():
         info = model_info(name)
         print(f"{name:<24} {info['family']:<10} {info['params']:>12,}  {info['description']}")
-    print("\nshipped weights (`isoconv zoo`): " + ", ".join(e.name for e in zoo_entries()))
+    print("\nshipped weights (`isoconv zoo`): " + (", ".join(e.name for e in zoo_entries()) or "none"))
     return 0
 
 
