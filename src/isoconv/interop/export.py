@@ -150,7 +150,7 @@ def save_safetensors(model: nn.Module, meta: ModelMeta, path: Path) -> None:
     except ImportError:
         raise UserError(f"safetensors export needs the safetensors package: {INSTALL_HINT}") from None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={META_KEY: meta.to_json()})
+    save_file(state, str(path), metadata={"format": "pt", META_KEY: meta.to_json()})  # "format": what the Hub reads
 
 
 @torch.no_grad()
