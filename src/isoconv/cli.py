@@ -1,4 +1,4 @@
-"""The `isoconv` command line: models, recipes, train, eval, bench, ablate, report, predict, export.
+"""The `isoconv` command line: models, recipes, train, eval, bench, ablate, report, predict, export, serve.
 
 The training flags are generated from TrainConfig's field metadata (`isoconv.config.add_setting_flags`).
 """
@@ -29,6 +29,7 @@ from .experiments.tracking import publish_tracked
 from .fileio import DISK_FULL, folders_to_create, remove_empty_folders
 from .interop.export import FORMATS, MATCH_TOLERANCE, export_target
 from .interop.model_folder import FOLDER_FORMAT, export_folder
+from .interop.serve import DEFAULT_HOST, DEFAULT_PORT, MAX_UPLOAD_BYTES, serve
 from .malloc_tuning import tune_allocator
 from .interop.predict import format_csv, format_json, format_table, predict_files
 from .models import list_models, model_info
@@ -123,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-batch", action="store_true", help="ONNX: fix the batch size (to --batch-size, default 1)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="ONNX: any batch size (the default; kept for older command lines)")
+    p = sub.add_parser("serve", help="a local web page to drop an image on and see the top-k classes (needs "
+                       "pip install 'isoconv[serve]')")
+    p.add_argument("target", metavar="MODEL", help="run directory, model folder, checkpoint, .safetensors, .onnx or "
+                   "TorchScript file")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine "
+                   f"only; 0.0.0.0 opens the page to the network)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2 ** 20,
+                   help="larger uploads are refused (HTTP 413)")
     return parser
 
 
@@ -360,9 +372,15 @@ def export_model_folder(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    serve(args.target, host=args.host, port=args.port, top_k=args.top_k, device=args.device,
+          max_upload_mb=args.max_upload_mb)
+    return 0
+
+
 COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench,
             "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate, "report": cmd_report,
-            "doctor": cmd_doctor}
+            "doctor": cmd_doctor, "serve": cmd_serve}
 
 
 class _Console(logging.Handler):
