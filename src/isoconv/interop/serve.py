@@ -131,10 +131,14 @@ def serve(target: Union[str, Path], *, host: str = DEFAULT_HOST, port: int = DEF
         raise UserError(f"--max-upload-mb must be in (0, 1024], got {max_upload_mb:g}")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {port}")
-    import_web()  # before the model is loaded
-    ready = ready_model(target, device)
-    app = build_app(ready, top_k=top_k, max_bytes=int(max_upload_mb * 2 ** 20), title=f"isoconv: {Path(target).name}")
+    import_web()  # missing packages and a busy port are found before the model is loaded
     sock = bind(host, port)
+    try:
+        ready = ready_model(target, device)
+    except BaseException:
+        sock.close()
+        raise
+    app = build_app(ready, top_k=top_k, max_bytes=int(max_upload_mb * 2 ** 20), title=f"isoconv: {Path(target).name}")
     shown_host, shown_port = sock.getsockname()[:2]
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     if not is_loopback(host):
