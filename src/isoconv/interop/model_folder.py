@@ -42,12 +42,12 @@ def export_folder(run: Union[str, Path], out: Optional[Union[str, Path]] = None)
     if kind != "run":
         raise UserError(f"--format folder exports a run directory (the model card needs its summary.json), got "
                         f"{kind} {run}; pass the run's folder")
+    out = Path(out) if out is not None else run / DEFAULT_FOLDER_NAME
+    check_folder_output(out)
     summary = RunDir(run).read_summary()
     if not isinstance(summary, dict):
         raise UserError(f"run {run} is not finished (no {RunDir(run).summary.name}); finish it with `isoconv train "
                         f"--resume {run}`, then export it")
-    out = Path(out) if out is not None else run / DEFAULT_FOLDER_NAME
-    check_folder_output(out)
     model, meta = read_model(run, torch.device("cpu"))
     model = model.to(torch.float32).eval()
 
