@@ -62,7 +62,7 @@ def export_target(target: Union[str, Path], fmt: str, out: Optional[Union[str, P
 
 
 def default_output(target: Path, kind: str, fmt: str) -> Path:
-    return (target if kind == "run" else target.parent) / DEFAULT_NAMES[fmt]
+    return (target if kind in ("run", "folder") else target.parent) / DEFAULT_NAMES[fmt]
 
 
 def export_model(model: nn.Module, meta: ModelMeta, fmt: str, out: Union[str, Path], *,
