@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from isoconv.cli import build_parser, main
-from isoconv.interop import serve as serve_module
 from isoconv.interop.predict import predict_files, ready_model
 from isoconv.interop.serve import bind, build_app, make_server
 from test_export import make_run

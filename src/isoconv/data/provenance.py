@@ -36,9 +36,12 @@ OFFICIAL_MD5: Dict[str, Dict[str, str]] = {
 }
 # Known non-official copies, recognised by their files' md5s: the verdict then names what the copy is.
 KNOWN_COPIES: Dict[str, List[Tuple[Dict[str, str], str]]] = {
-    "cifar10": [({"data_batch_1": "a70c125600fe15cbbadb15783c0563be", "data_batch_2": "725b6dbc466051682dc9da8a0774d643",
-                  "data_batch_3": "43d963ae063ad0e94f68c64f5dbb0983", "data_batch_4": "7669bce839e18291ca4ab177c01bbb72",
-                  "data_batch_5": "3c3aedffdc5e4342fd1f3a77770ca70c", "test_batch": "7e8c8f4345244ea9d1343e24af3279e9"},
+    "cifar10": [({"data_batch_1": "a70c125600fe15cbbadb15783c0563be",
+                  "data_batch_2": "725b6dbc466051682dc9da8a0774d643",
+                  "data_batch_3": "43d963ae063ad0e94f68c64f5dbb0983",
+                  "data_batch_4": "7669bce839e18291ca4ab177c01bbb72",
+                  "data_batch_5": "3c3aedffdc5e4342fd1f3a77770ca70c",
+                  "test_batch": "7e8c8f4345244ea9d1343e24af3279e9"},
                  "the JPEG-degraded CIFAR-10 copy (every image re-encoded as JPEG quality 75 with 4:2:0 chroma, about "
                  "30 dB PSNR against the originals; labels and order exact), reported to cost about 2-3 points of "
                  "test accuracy against the official pixels")],

@@ -166,7 +166,7 @@ def model_card(meta: ModelMeta, summary: dict[str, Any]) -> str:
     shown = ", ".join(classes[:20]) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
     pad = cfg.get("pad_to")
     if pad:
-        size = f"{cfg['image_size']}x{cfg['image_size']}" if cfg.get("image_size") else f"the dataset's own size"
+        size = f"{cfg['image_size']}x{cfg['image_size']}" if cfg.get("image_size") else "the dataset's own size"
         steps = [f"decode as RGB at {size} (bicubic resize), the size training's images had before padding",
                  f"zero-pad, centred, to {pad}x{pad}"]
     else:
@@ -177,7 +177,8 @@ def model_card(meta: ModelMeta, summary: dict[str, Any]) -> str:
     lines = front + [
         f"# {cfg.get('model')} trained on {name}", "",
         f"An isoconv `{cfg.get('model')}` image classifier ({meta.params or summary.get('params') or 0:,} parameters) "
-        f"trained for {summary.get('epochs')} epoch{'' if summary.get('epochs') == 1 else 's'} on {name}: test top-1 {pct(summary.get('test_top1'))} on "
+        f"trained for {summary.get('epochs')} epoch{'' if summary.get('epochs') == 1 else 's'} on {name}: test "
+        f"top-1 {pct(summary.get('test_top1'))} on "
         f"{tested}{' of the JPEG-degraded copy' if known and 'JPEG' in known else ''}.", "",
         "## Files", "",
         f"- `{CONFIG_NAME}`: the architecture (`{META_KEY}.config`: every setting of the run), the preprocessing, the "
@@ -200,7 +201,8 @@ def model_card(meta: ModelMeta, summary: dict[str, Any]) -> str:
               "(precision) | torch |", "|---:|---:|---:|---:|---:|---:|---:|---|---|",
               f"| {pct(summary.get('test_top1'))} | {pct(summary.get('test_top5'))} | "
               f"{fmt_num(summary.get('macro_f1'))} | {fmt_num(summary.get('test_loss'))} | "
-              f"{summary.get('test_images', '—')} | {summary.get('epochs')} | {minutes(summary.get('train_seconds'))} | "
+              f"{summary.get('test_images', '—')} | {summary.get('epochs')} | "
+              f"{minutes(summary.get('train_seconds'))} | "
               f"{summary.get('device')} ({summary.get('amp')}) | {summary.get('torch')} |", "",
               f"Measured by isoconv at the end of training on {tested}.", "",
               "## Intended use and limits", "",

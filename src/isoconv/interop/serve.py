@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import html
 import io
+import logging
 import socket
 from pathlib import Path
 from typing import Any, Union
@@ -28,6 +29,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 MAX_UPLOAD_BYTES = 10 * 2 ** 20
 DRAIN_FACTOR = 4  # an oversize body is read (and dropped) up to this many times the limit, so the client gets the 413
 SERVE_HINT = "pip install 'isoconv[serve]'"
+log = logging.getLogger(__name__)
 
 
 def import_web():
@@ -123,7 +125,7 @@ def make_server(app, log_level: str = "warning"):
 
 
 def serve(target: Union[str, Path], *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, top_k: int = 5,
-          device: str = "auto", max_upload_mb: float = MAX_UPLOAD_BYTES / 2 ** 20, announce=print) -> None:
+          device: str = "auto", max_upload_mb: float = MAX_UPLOAD_BYTES / 2 ** 20) -> None:
     """Serve the page until interrupted (Ctrl-C)."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
@@ -142,9 +144,15 @@ def serve(target: Union[str, Path], *, host: str = DEFAULT_HOST, port: int = DEF
     shown_host, shown_port = sock.getsockname()[:2]
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     if not is_loopback(host):
-        announce(f"isoconv: warning: --host {host} lets other machines on the network use this page")
-    announce(f"serving {target} on http://{shown_host}:{shown_port}/ (Ctrl-C stops it)")
-    make_server(app).run(sockets=[sock])
+        log.warning(f"--host {host} lets other machines on the network use this page")
+    log.info(f"serving {target} on http://{shown_host}:{shown_port}/ (Ctrl-C stops it)")
+    try:
+        make_server(app).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again: a normal way to stop
+        pass
+    finally:
+        sock.close()
+    log.info("stopped")
 
 
 def is_loopback(host: str) -> bool:

@@ -28,8 +28,8 @@ def model_format(path: Path) -> str:
                         f"(an exported model folder); pass a run directory, a model folder, a checkpoint or an "
                         f"exported model file")
     if not path.is_file():
-        raise UserError(f"{path} does not exist; pass a run directory, a checkpoint, or a .safetensors, .onnx or "
-                        f"TorchScript file")
+        raise UserError(f"{path} does not exist; pass a run directory, a model folder, a checkpoint, or a "
+                        f".safetensors, .onnx or TorchScript file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"
