@@ -118,7 +118,7 @@ def test_export_again_replaces_the_folder_and_a_failed_export_leaves_nothing(run
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(model_folder, "model_card", broken_card)
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "new" / "fresh"
     capsys.readouterr()
     assert main(["export", str(run), "--format", "folder", "--output", str(fresh)]) == 2
     assert capsys.readouterr().err.strip() == (f"isoconv: error: cannot write --output {fresh}: No space left on "

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import RUNTIME_FIELDS, TrainConfig, build_config, list_recipes, setting_tokens, SETTINGS
 from ..data.provenance import DISPLAY_NAME, data_statement, test_set_description
 from ..errors import UserError
-from ..fileio import atomic_write, atomic_write_folder
+from ..fileio import atomic_write, atomic_write_folder, folders_to_create, remove_empty_folders
 from ..rundir import RunDir
 from ..weights.files import model_format, read_model_folder
 from ..weights.meta import META_KEY, ModelMeta
@@ -59,12 +59,16 @@ def export_folder(run: Union[str, Path], out: Optional[Union[str, Path]] = None)
         diff[0] = max_abs_diff(model, build_with_weights(reread, state, str(tmp)).eval(), meta, 3)
 
     diff = [float("nan")]
+    created = folders_to_create(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_folder(out, write)
-    except OSError as e:
-        raise UserError(f"cannot write --output {out}: {e.strerror or e}; check the free space and permissions") \
-            from None
+    except BaseException as e:
+        remove_empty_folders(created)  # a failed export leaves no folder it made on the way
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write --output {out}: {e.strerror or e}; check the free space and "
+                            f"permissions") from None
+        raise
     return FolderExportResult(out, diff[0])
 
 
