@@ -2,12 +2,15 @@
 and no run directory left behind. The case names below are the rows of docs/errors.md."""
 import pickle
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 from isoconv.cli import main
+from isoconv.config import build_config
+from isoconv.models import build_model
 from isoconv.weights.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +96,28 @@ def existing_file(tmp):
     return p
 
 
+def unfinished_run(tmp):
+    """A run folder with a checkpoint but no summary.json (stopped before its end)."""
+    cfg = build_config(model="cm-cpu", dim=8, depth=1)
+    run = tmp / "unfinished"
+    run.mkdir()
+    data = {"classes": [str(i) for i in range(10)], "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32}
+    save_checkpoint({"model": build_model(cfg, 10, 32).state_dict(), "config": cfg.to_dict(), "epoch": 1,
+                     "data": data}, run / "last.pt")
+    return run
+
+
+BUSY = []  # sockets held open while a test runs `isoconv serve` on their port
+
+
+def busy_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    BUSY.append(s)
+    return str(s.getsockname()[1])
+
+
 # name -> (argv builder (tmp, data_root) -> list, fragment of the one-line message)
 CASES = {
     "unknown model": (lambda t, d: ["train", "--model", "cm-vanila"],
@@ -149,6 +174,14 @@ CASES = {
                          "cat.png is a PNG image, not a checkpoint"),
     "plain pickle as a checkpoint": (lambda t, d: ["eval", str(plain_pickle(t))],
                                      "weights.pkl is a plain pickle (pickle.dump), not a checkpoint"),
+    "export an unfinished run": (lambda t, d: ["export", str(unfinished_run(t)), "--format", "folder", "--output",
+                                               str(t / "out")], "is not finished (no summary.json)"),
+    "unknown export format": (lambda t, d: ["export", str(unfinished_run(t)), "--format", "zip", "--output",
+                                            str(t / "out")], "--format must be one of onnx, torchscript, "),
+    "model folder over other files": (lambda t, d: ["export", str(unfinished_run(t)), "--format", "folder",
+                                                    "--output", str(t)], "is a folder that holds other files"),
+    "serve on a busy port": (lambda t, d: ["serve", str(unfinished_run(t)), "--port", busy_port()],
+                             "is already in use; pass another --port"),
     "text file as pretrained weights": (lambda t, d: ["train", *TINY, "--data-dir", str(d), "--pretrained",
                                                       str(text_file(t))], "report.txt is a text file, not a weights"),
 }
@@ -162,7 +195,10 @@ def test_bad_input_gives_one_line_and_exit_2(name, tmp_path, data_root, capsys):
     out_dir = tmp_path / "out"
     if argv[0] == "train" and "--out" not in argv and "--resume" not in argv:
         argv += ["--out", str(out_dir)]
-    assert main(argv) == 2
+    code = main(argv)
+    while BUSY:
+        BUSY.pop().close()
+    assert code == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("isoconv: error: "), err

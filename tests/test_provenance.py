@@ -84,6 +84,7 @@ def test_changed_file_is_named(official, tmp_path):
     (copy / "data_batch_1").write_bytes(bytes(blob))
     verdict = verify_data("cifar10", copy.parent)
     assert verdict["official"] is False and verdict["mismatch"] == ["data_batch_1"] and verdict["missing"] == []
+    assert "known_copy" not in verdict
     assert data_statement(verdict) == DIFFERS
     assert str(tmp_path) not in data_statement(verdict)
 
@@ -137,6 +138,7 @@ def test_shared_jpeg_copy_is_not_official(data_root):
     verdict = verify_data("cifar10", data_root)
     assert verdict["official"] is False
     assert set(verdict["mismatch"]) == set(CIFAR10_FILES) == set(verdict["checked"])
+    assert verdict["known_copy"].startswith("the JPEG-degraded CIFAR-10 copy")  # recognised by its md5s
     assert data_statement(verdict).startswith("this CIFAR-10 copy differs from the official release")
     assert str(data_root) not in data_statement(verdict)
 

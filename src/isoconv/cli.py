@@ -1,4 +1,4 @@
-"""The `isoconv` command line: models, recipes, train, eval, bench, ablate, report, predict, export.
+"""The `isoconv` command line: models, recipes, train, eval, bench, ablate, report, predict, export, serve.
 
 The training flags are generated from TrainConfig's field metadata (`isoconv.config.add_setting_flags`).
 """
@@ -27,7 +27,9 @@ from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
 from .experiments.published import figures_text
 from .experiments.tracking import publish_tracked
 from .fileio import DISK_FULL, folders_to_create, remove_empty_folders
-from .interop.export import MATCH_TOLERANCE, export_target
+from .interop.export import FORMATS, MATCH_TOLERANCE, export_target
+from .interop.model_folder import FOLDER_FORMAT, export_folder
+from .interop.serve import DEFAULT_HOST, DEFAULT_PORT, MAX_UPLOAD_BYTES, serve
 from .malloc_tuning import tune_allocator
 from .interop.predict import format_csv, format_json, format_table, predict_files
 from .models import list_models, model_info
@@ -112,21 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", nargs="?", const=DEPRECATED_SWITCH,
                    help="also write the predictions as JSON to PATH (as in eval and bench)")
     p.add_argument("--csv", action="store_true", help=argparse.SUPPRESS)  # old spelling of --format csv
-    p = sub.add_parser("export", help="export a run's model as ONNX, TorchScript or safetensors (config inside)")
+    p = sub.add_parser("export", help="export a run's model as ONNX, TorchScript or safetensors (config inside), "
+                       "or as a model folder in the Hugging Face Hub layout")
     p.add_argument("target", metavar="RUN_DIR", help="run directory, checkpoint or isoconv .safetensors file")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--format", required=True, metavar="|".join(EXPORT_FORMATS),
+                   help=f"{FOLDER_FORMAT}: config.json, model.safetensors and a README.md model card, from a finished "
+                   f"run")
     p.add_argument("--output", metavar="FILE", help="output file (default: model.onnx, model.torchscript.pt or "
-                   "model.safetensors next to the weights)")
+                   f"model.safetensors next to the weights); the folder for --format {FOLDER_FORMAT} (default: "
+                   f"RUN_DIR/hf-model)")
     p.add_argument("--out", dest="old_out", metavar="FILE", help=argparse.SUPPRESS)  # old spelling of --output
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="ONNX: fix the batch size to N (default: any batch size)")
     p.add_argument("--static-batch", action="store_true", help="ONNX: fix the batch size (to --batch-size, default 1)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="ONNX: any batch size (the default; kept for older command lines)")
+    p = sub.add_parser("serve", help="a local web page to drop an image on and see the top-k classes (needs "
+                       "pip install 'isoconv[serve]')")
+    p.add_argument("target", metavar="MODEL", help="run directory, model folder, checkpoint, .safetensors, .onnx or "
+                   "TorchScript file")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine "
+                   f"only; 0.0.0.0 opens the page to the network)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2 ** 20,
+                   help="larger uploads are refused (HTTP 413)")
     return parser
 
 
 PREDICT_FORMATS = ("table", "json", "csv")
+EXPORT_FORMATS = (*FORMATS, FOLDER_FORMAT)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEPRECATED_SWITCH = "\0switch"  # `predict --json` without a path: the old spelling of --format json
 
@@ -335,6 +353,10 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format not in EXPORT_FORMATS:
+        raise UserError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
+    if args.format == FOLDER_FORMAT:
+        return export_model_folder(args)
     fixed = args.static_batch or args.batch_size is not None
     if args.dynamic_batch and fixed:
         raise UserError("--dynamic-batch contradicts --static-batch/--batch-size: choose one")
@@ -357,9 +379,26 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "zoo": cmd_zoo, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench,
+def export_model_folder(args) -> int:
+    if args.batch_size is not None or args.static_batch or args.dynamic_batch or args.old_out is not None:
+        raise UserError(f"--batch-size, --static-batch, --dynamic-batch and --out are for file formats; --format "
+                        f"{FOLDER_FORMAT} takes --output DIR")
+    result = export_folder(args.target, args.output)
+    print(f"wrote {result.path} (config.json, model.safetensors, README.md; reloaded weights match the run, max abs "
+          f"diff {result.max_abs_diff:.1e})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    serve(args.target, host=args.host, port=args.port, top_k=args.top_k, device=args.device,
+          max_upload_mb=args.max_upload_mb)
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "zoo": cmd_zoo, "train": cmd_train, "eval": cmd_eval,
+            "bench": cmd_bench,
             "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate, "report": cmd_report,
-            "doctor": cmd_doctor}
+            "doctor": cmd_doctor, "serve": cmd_serve}
 
 
 class _Console(logging.Handler):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -131,3 +132,34 @@ def remove_empty_folders(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def atomic_write_folder(path: Union[str, Path], write: Callable[[Path], None]) -> None:
+    """Fill a folder atomically: `write(tmp)` fills a temporary folder next to `path`, which is then renamed to
+    `path`. An existing `path` (the caller decided it may be replaced) is swapped out and removed only after the new
+    folder is in place. On any error the temporary folder is removed and the old `path`, if any, is untouched."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.chmod(f, 0o666 & ~_umask())  # some writers (safetensors) make 0600 files
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the permissions mkdir would
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / path.name).exists() and not path.exists():
+            os.replace(old / path.name, path)  # put the previous folder back
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(path.parent)

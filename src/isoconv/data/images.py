@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 import torch
@@ -20,8 +20,9 @@ def is_image_file(path: Union[str, Path]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def decode_image(path: Union[str, Path], image_size: Optional[int] = None) -> torch.Tensor:
-    """The image at `path` as uint8 RGB (3, H, W); resized to image_size x image_size when given.
+def decode_image(path: Union[str, Path, BinaryIO], image_size: Optional[int] = None) -> torch.Tensor:
+    """The image at `path` (or in a binary file object, e.g. an upload in a BytesIO) as uint8 RGB (3, H, W);
+    resized to image_size x image_size when given.
 
     Grayscale, palette and alpha images become RGB. Truncated files are errors (PIL would otherwise
     pad them silently), raised as BadImageError naming the file.
@@ -29,11 +30,11 @@ def decode_image(path: Union[str, Path], image_size: Optional[int] = None) -> to
     return torch.from_numpy(decode_image_array(path, image_size)).permute(2, 0, 1).contiguous()
 
 
-def decode_image_array(path: Union[str, Path], image_size: Optional[int] = None) -> np.ndarray:
+def decode_image_array(path: Union[str, Path, BinaryIO], image_size: Optional[int] = None) -> np.ndarray:
     """Like `decode_image` but as a uint8 (H, W, 3) numpy array; uses no torch ops, so pool workers can run it."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    path = path if hasattr(path, "read") else Path(path)
     try:
         with Image.open(path) as im:
             im.load()

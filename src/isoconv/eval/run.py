@@ -1,4 +1,5 @@
-"""Evaluate a finished run directory or a checkpoint file on its dataset's test split."""
+"""Evaluate a finished run directory, a model folder (`isoconv export --format folder`) or a checkpoint file on its
+dataset's test split."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +15,8 @@ from ..models import build_model
 from ..rundir import RunDir
 from ..runtime import PRECISIONS, resolve_device, resolve_precision
 from ..weights import load_checkpoint
+from ..weights.files import read_model_folder
+from ..weights.model_folder import folder_summary, is_model_folder
 from .evaluate import evaluate, test_report
 
 
@@ -25,14 +28,24 @@ def checkpoint_path(target: Path) -> Path:
     raise UserError(f"{target} is neither a run directory nor a checkpoint file")
 
 
+def read_weights(target: Path) -> tuple[Path, dict[str, Any]]:
+    """(the file the weights came from, a checkpoint-like dict: model, config, data, epoch, params)."""
+    if is_model_folder(target) and not RunDir(target).checkpoint.is_file():
+        state, meta = read_model_folder(target)
+        return target, {"model": state, "config": meta.config, "data": meta.data, "epoch": meta.epoch,
+                        "params": meta.params}
+    path = checkpoint_path(target)
+    return path, load_checkpoint(path)
+
+
 def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: bool = True,
                     test_subset: Optional[int] = None, tta: Optional[str] = None,
                     device: str = "auto", dataset: Optional[str] = None) -> dict[str, Any]:
     """The test report of a run's weights: the keys of summary.json plus `report_text`.
 
     dataset: evaluate on this dataset's whole test split instead of the run's own (same classes required)."""
-    path = checkpoint_path(target)
-    state = load_checkpoint(path)
+    path, state = read_weights(target)
+    folder = path if path.is_dir() else path.parent  # where the run's (or the model folder's) summary is
     stored = dict(state["config"])
     cfg = apply_overrides(TrainConfig(), stored, f"checkpoint {path}")
     cfg = apply_overrides(cfg, {"device": device, "download": download, "test_subset": test_subset,
@@ -41,7 +54,7 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
                                    if dataset and dataset != stored.get("dataset") else {}),
                                 **({"data_dir": data_dir} if data_dir else {})}, "eval flags").validate()
     dev = resolve_device(cfg.device)
-    precision = eval_precision(cfg.amp, dev, path.parent)
+    precision = eval_precision(cfg.amp, dev, folder)
     meta = state.get("data") or {}
     norm = (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") and meta.get("std") else None
     _, test = load_data(cfg, dev, train=False, norm=norm)  # normalized as in training
@@ -55,10 +68,10 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
     result = evaluate(model, test, device=dev, precision=precision, channels_last=cfg.channels_last,
                       tta_flip=tta == "flip")
     fields, report = test_report(result, test.classes)
-    return {"run_dir": str(path.parent), "checkpoint": str(path), "model": cfg.model, "recipe": cfg.recipe,
+    return {"run_dir": str(folder), "checkpoint": str(path), "model": cfg.model, "recipe": cfg.recipe,
             "dataset": cfg.dataset, "epochs": state["epoch"], "params": state.get("params"),
             "train_seconds": state.get("train_seconds"), "device": str(dev), "amp": precision,
-            "torch": torch.__version__, "tta": tta, **training_facts(path.parent),
+            "torch": torch.__version__, "tta": tta, **training_facts(folder),
             "data_provenance": verify_data(cfg.dataset, resolve_data_root(cfg.data_dir)), "test_split": cfg.test_split,
             "test_subset": cfg.test_subset, "test_images_total": test.split_images, **fields, "report_text": report}
 
@@ -68,7 +81,7 @@ def eval_precision(amp: str, device: torch.device, run_dir: Path) -> str:
     per its summary, when it trained on the same kind of device: on a CPU auto is decided by a measurement at
     training time, which the rule in runtime.resolve_precision does not repeat. Otherwise that rule."""
     if amp == "auto":
-        summary = RunDir(run_dir).read_summary()
+        summary = run_summary(run_dir)
         summary = summary if isinstance(summary, dict) else {}
         trained, trained_on = summary.get("amp"), str(summary.get("device", ""))
         if trained in PRECISIONS and trained_on.split(":")[0] == device.type and (trained != "fp16" or
@@ -77,7 +90,14 @@ def eval_precision(amp: str, device: torch.device, run_dir: Path) -> str:
     return resolve_precision(amp, device)
 
 
+def run_summary(folder: Path) -> Optional[dict[str, Any]]:
+    """A run's summary.json, or the training summary a model folder carries (None when there is neither)."""
+    summary = RunDir(folder).read_summary()
+    return summary if summary is not None else folder_summary(folder)
+
+
 def training_facts(run_dir: Path) -> dict[str, Any]:
     """What the run's own summary says about training (None when the run has no summary)."""
-    summary = RunDir(run_dir).read_summary() or {}
+    summary = run_summary(run_dir)
+    summary = summary if isinstance(summary, dict) else {}
     return {k: summary.get(k) for k in ("compile_seconds", "skipped_steps")}

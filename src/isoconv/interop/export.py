@@ -62,7 +62,7 @@ def export_target(target: Union[str, Path], fmt: str, out: Optional[Union[str, P
 
 
 def default_output(target: Path, kind: str, fmt: str) -> Path:
-    return (target if kind == "run" else target.parent) / DEFAULT_NAMES[fmt]
+    return (target if kind in ("run", "folder") else target.parent) / DEFAULT_NAMES[fmt]
 
 
 def export_model(model: nn.Module, meta: ModelMeta, fmt: str, out: Union[str, Path], *,
@@ -150,7 +150,7 @@ def save_safetensors(model: nn.Module, meta: ModelMeta, path: Path) -> None:
     except ImportError:
         raise UserError(f"safetensors export needs the safetensors package: {INSTALL_HINT}") from None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={META_KEY: meta.to_json()})
+    save_file(state, str(path), metadata={"format": "pt", META_KEY: meta.to_json()})  # "format": what the Hub reads
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """`isoconv.load(path)`: a ready model in eval mode plus its preprocessing, from any file isoconv writes.
 
 Accepted: a run directory (its last.pt), an isoconv checkpoint, and the exports of `isoconv export` —
-`.safetensors`, `.onnx` (run with onnxruntime, wrapped as an nn.Module) and TorchScript. The format is
+`.safetensors`, `.onnx` (run with onnxruntime, wrapped as an nn.Module), TorchScript and a model folder
+(config.json + model.safetensors + README.md). The format is
 recognised from the content where the suffix is ambiguous (TorchScript files are often named .pt too).
 
 Bare weights without isoconv metadata (a timm state dict, the seeds' own checkpoints: the ConvMixer-XL study's
@@ -24,7 +25,7 @@ from ..models import create_model
 from ..runtime import resolve_device
 from ..weights.checkpoint import load_checkpoint
 from ..rundir import CHECKPOINT_NAME
-from ..weights.files import INSTALL_HINT, model_format, read_safetensors, strip_wrapper_prefixes
+from ..weights.files import INSTALL_HINT, model_format, read_model_folder, read_safetensors, strip_wrapper_prefixes
 from ..weights.meta import META_KEY, ModelMeta
 from ..weights.pretrained import foreign_layout, load_pretrained_into
 from ..zoo import resolve_model_path
@@ -48,8 +49,8 @@ UNNORMALIZED_LAYOUTS = ("simple-convnext layout",)
 
 def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", model: Optional[str] = None,
          **model_kwargs) -> LoadedModel:
-    """Load a run directory, checkpoint, .safetensors, .onnx or TorchScript file, or a zoo model by name
-    (`isoconv zoo` lists them), for inference.
+    """Load a run directory, model folder, checkpoint, .safetensors, .onnx or TorchScript file, or a zoo model by
+    name (`isoconv zoo` lists them), for inference.
 
     The model is in eval mode on `device` and returns logits for a float32 (B, 3, S, S) batch;
     `preprocess(images)` makes that batch from file paths, PIL images or uint8 tensors.
@@ -95,7 +96,9 @@ def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
         return model.eval(), model.meta
     if fmt == "torchscript":
         return read_torchscript(path, device)
-    if fmt == "safetensors":
+    if fmt == "folder":
+        state, meta = read_model_folder(path)
+    elif fmt == "safetensors":
         state, meta = read_safetensors(path)
         if meta is None:
             raise bare_weights_error(path, foreign_layout(path))

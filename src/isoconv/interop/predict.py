@@ -31,6 +31,32 @@ class Prediction:
     probabilities: list[float]
 
 
+@dataclass(frozen=True)
+class ReadyModel:
+    """A model ready to predict as `isoconv predict` does: its preprocessing, device and precision."""
+
+    model: torch.nn.Module
+    preprocess: Preprocess
+    device: torch.device
+    precision: str
+
+    def probabilities(self, images: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+        """Softmax probabilities (on the CPU) for a uint8 (B, 3, S, S) batch made by `preprocess.image_to_uint8`."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*padding='same' with even kernel")  # a note on speed only
+            logits = predict_logits(self.model, images, self.preprocess.mean, self.preprocess.std, device=self.device,
+                                    precision=self.precision, tta_flip=tta_flip)
+        return logits.softmax(1).cpu()
+
+
+def ready_model(target: Union[str, Path], device: str = "auto") -> ReadyModel:
+    """Load a run, model folder or exported file for prediction (the precision as in predict_precision)."""
+    dev = resolve_device(device)
+    model, meta = read_model(Path(target), dev)
+    return ReadyModel(model, preprocess_for(meta), dev, predict_precision(model, meta.config.get("amp", "off"), dev,
+                                                                           Path(target)))
+
+
 @dataclass
 class PredictResult:
     predictions: list[Prediction] = field(default_factory=list)
@@ -58,19 +84,12 @@ def predict_files(target: Union[str, Path], inputs: Iterable[Union[str, Path]], 
     if not paths:
         raise UserError(f"no image files found in {', '.join(map(str, inputs))}; pass image files, folders or glob "
                         f"patterns")
-    dev = resolve_device(device)
-    model, meta = read_model(Path(target), dev)
-    preprocess = preprocess_for(meta)
-    precision = predict_precision(model, meta.config.get("amp", "off"), dev, Path(target))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*padding='same' with even kernel")  # a note on speed only
-        for start in range(0, len(paths), batch_size):
-            images, names = decode_batch(paths[start:start + batch_size], preprocess, result, warn)
-            if names:
-                logits = predict_logits(model, torch.stack(images), preprocess.mean, preprocess.std, device=dev,
-                                        precision=precision, tta_flip=tta_flip)
-                probs = logits.softmax(1).cpu()
-                result.predictions.extend(top_predictions(names, probs, preprocess.classes, top_k))
+    ready = ready_model(target, device)
+    for start in range(0, len(paths), batch_size):
+        images, names = decode_batch(paths[start:start + batch_size], ready.preprocess, result, warn)
+        if names:
+            probs = ready.probabilities(torch.stack(images), tta_flip=tta_flip)
+            result.predictions.extend(top_predictions(names, probs, ready.preprocess.classes, top_k))
     return result
 
 

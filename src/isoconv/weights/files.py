@@ -2,6 +2,7 @@
 key prefixes that wrappers (DataParallel, torch.compile) add."""
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -11,20 +12,24 @@ import torch
 from ..errors import UserError
 from ..rundir import CHECKPOINT_NAME
 from .meta import META_KEY, ModelMeta
+from .model_folder import CONFIG_NAME, WEIGHTS_NAME, is_model_folder, read_folder_config
 
 INSTALL_HINT = "pip install 'isoconv[export]'"
 
 
 def model_format(path: Path) -> str:
-    """One of run, checkpoint, safetensors, onnx, torchscript."""
+    """One of run, folder (an exported model folder), checkpoint, safetensors, onnx, torchscript."""
     if path.is_dir():
-        if not (path / CHECKPOINT_NAME).is_file():
-            raise UserError(f"{path} is a folder without {CHECKPOINT_NAME}; pass a run directory, a checkpoint or "
-                            f"an exported model file")
-        return "run"
+        if (path / CHECKPOINT_NAME).is_file():
+            return "run"
+        if is_model_folder(path):
+            return "folder"
+        raise UserError(f"{path} is a folder without {CHECKPOINT_NAME} (a run) or {CONFIG_NAME} and {WEIGHTS_NAME} "
+                        f"(an exported model folder); pass a run directory, a model folder, a checkpoint or an "
+                        f"exported model file")
     if not path.is_file():
-        raise UserError(f"{path} does not exist; pass a run directory, a checkpoint, or a .safetensors, .onnx or "
-                        f"TorchScript file")
+        raise UserError(f"{path} does not exist; pass a run directory, a model folder, a checkpoint, or a "
+                        f".safetensors, .onnx or TorchScript file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"
@@ -65,3 +70,11 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
                         f"truncated or not a safetensors file") from None
     meta = ModelMeta.from_json(metadata[META_KEY], str(path)) if META_KEY in metadata else None
     return tensors, meta
+
+
+def read_model_folder(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
+    """(state dict, metadata) of a model folder: the weights from model.safetensors, the metadata from config.json."""
+    config_path = path / CONFIG_NAME
+    meta = ModelMeta.from_json(json.dumps(read_folder_config(path)[META_KEY]), str(config_path))
+    state, _ = read_safetensors(path / WEIGHTS_NAME)
+    return state, meta
