@@ -35,7 +35,13 @@ except ImportError:  # Windows: no advisory locks; two processes on one folder a
     fcntl = None
 
 CHECKPOINT_NAME = "last.pt"
+PREVIOUS_CHECKPOINT_NAME = "last.prev.pt"
 RUNS_FOLDER = Path("runs")
+# the files and folders a run writes into its folder (epoch-NNN.pt aside): no other command's output may replace them
+RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, "summary.json", "report.txt",
+             "error.txt", "tensorboard", "tracking.json", ".lock", "report.md", "plots")
+# keys every config.yaml isoconv writes holds (a project's own config.yaml does not make its folder a run)
+_RUN_CONFIG_KEYS = {"model", "epochs", "batch_size", "lr_max", "seed"}
 
 
 def check_output_folder(path: Union[str, Path], flag: str = "--out", what: str = "run folder") -> Path:
@@ -86,6 +92,65 @@ def check_output_folder(path: Union[str, Path], flag: str = "--out", what: str =
     return path
 
 
+def is_run_folder(path: Union[str, Path]) -> bool:
+    """Whether `path` holds an isoconv run (finished, unfinished, failed or killed before its first checkpoint)."""
+    run = RunDir(path)
+    if run.has_checkpoint() or run.lock_file.exists():
+        return True
+    config = run.read_config()
+    return config is not None and _RUN_CONFIG_KEYS <= set(config)
+
+
+def run_owning(path: Union[str, Path]) -> Optional["RunDir"]:
+    """The run whose own file `path` is (config.yaml, last.pt, summary.json, epoch-003.pt, ...), else None."""
+    path = Path(path).expanduser()
+    name = path.name
+    if name not in RUN_FILES and not (name.startswith("epoch-") and name.endswith(".pt")):
+        return None
+    folder = path.parent if str(path.parent) else Path(".")
+    return RunDir(folder) if is_run_folder(folder) else None
+
+
+def check_output_file(path: Union[str, Path], flag: str, *, overwrite: bool = False,
+                      parents_created: bool = False) -> Path:
+    """A file a command is about to write (--json PATH, export --output, ...): the one check every output goes
+    through. Refused, in one line: a folder, a missing folder (unless the command creates it), an unwritable
+    place, a file a run folder owns (always), and any other existing file unless `overwrite` (the user's
+    --overwrite)."""
+    text = str(path)
+    if not text.strip():
+        raise UserError(f"{flag} is empty; pass a file path")
+    p = Path(text).expanduser()
+    if p.is_dir():
+        raise UserError(f"{flag} {text} is a folder; pass a file path")
+    if not parents_created and not p.parent.is_dir():
+        raise UserError(f"{flag} {text}: the folder {p.parent} does not exist; create it or pass another path")
+    check_output_folder(p.parent, flag, "file's folder")
+    owner = run_owning(p)
+    if owner is not None:
+        raise UserError(f"{flag} {text} is a file of the run in {owner}; isoconv never replaces a run's own files: "
+                        f"pass a path outside the run's files (e.g. {owner / ('out' + (p.suffix or '.json'))})")
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise UserError(f"{flag} {text} already exists; pass another path, or add --overwrite to replace it")
+    return p
+
+
+def check_run_folder(path: Union[str, Path], flag: str = "--out") -> None:
+    """A training run goes into a new or empty folder, or one that holds an isoconv run: never into a folder of the
+    user's own files (its config.yaml or summary.json would be replaced and the run mixed into it)."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or is_run_folder(path):
+        return
+    try:
+        entries = sorted(p.name for p in path.iterdir())
+    except OSError:
+        return  # check_output_folder reports an unreadable place
+    if entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise UserError(f"{flag} {path} holds other files ({shown}) and no isoconv run; pass a new or empty "
+                        f"folder")
+
+
 def _name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
@@ -110,7 +175,7 @@ class RunDir:
     config = property(lambda self: self.path / "config.yaml")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoint = property(lambda self: self.path / CHECKPOINT_NAME)
-    previous_checkpoint = property(lambda self: self.path / "last.prev.pt")
+    previous_checkpoint = property(lambda self: self.path / PREVIOUS_CHECKPOINT_NAME)
     summary = property(lambda self: self.path / "summary.json")
     report = property(lambda self: self.path / "report.txt")
     error = property(lambda self: self.path / "error.txt")

@@ -21,11 +21,14 @@ from torch import nn
 
 from ..errors import UserError
 from ..fileio import atomic_write_with
+from ..rundir import check_output_file
 from ..weights.files import INSTALL_HINT, model_format
 from ..weights.meta import META_KEY, ModelMeta
 from .load import TORCHSCRIPT_META_FILE, OnnxModel, import_onnxruntime, read_model, read_torchscript
 
 FORMATS = ("onnx", "torchscript", "safetensors")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+SUFFIX_FORMATS = {".onnx": "onnx", ".safetensors": "safetensors", ".pt": "torchscript", ".pth": "torchscript"}
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "safetensors": "model.safetensors"}
 ONNX_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime >= 1.14 runs it
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -42,8 +45,11 @@ class ExportResult:
 
 
 def export_target(target: Union[str, Path], fmt: str, out: Optional[Union[str, Path]] = None, *,
-                  batch_size: Optional[int] = None) -> ExportResult:
+                  batch_size: Optional[int] = None, overwrite: bool = False) -> ExportResult:
     """Export a run directory, checkpoint or isoconv .safetensors file to `fmt`.
+
+    The output (`out`, else a default name next to the weights) is never a run's own file, nor an existing file
+    unless `overwrite`.
 
     ONNX: `batch_size=None` (default) exports a dynamic batch axis; an int fixes the batch to that size.
     """
@@ -56,7 +62,12 @@ def export_target(target: Union[str, Path], fmt: str, out: Optional[Union[str, P
                         f"checkpoint or a .safetensors file")
     out_path = Path(out) if out else default_output(target, kind, fmt)
     if out_path.exists() and out_path.resolve() == target.resolve():
-        raise UserError(f"--out {out_path} is the file being exported; choose another --out")
+        raise UserError(f"--output {out_path} is the file being exported; choose another --output")
+    claimed = SUFFIX_FORMATS.get(out_path.suffix.lower())
+    if claimed is not None and claimed != fmt:
+        raise UserError(f"--output {out_path} names a {claimed} file but --format is {fmt}; name it "
+                        f"{out_path.with_suffix(SUFFIXES[fmt]).name} (or pass --format {claimed})")
+    check_output_file(out_path, "--output", overwrite=overwrite, parents_created=True)
     model, meta = read_model(target, torch.device("cpu"))
     return export_model(model, meta, fmt, out_path, batch_size=batch_size)
 
