@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -396,6 +397,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 2
     configure_logging()
+    if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_while_starting":
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is handled below
     try:
         try:
             return COMMANDS[args.command](args)
@@ -417,7 +420,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"isoconv: error: (process {rank}) {e}", file=sys.stderr, flush=True)  # only this one saw it
         return 2
     except KeyboardInterrupt:
-        print("isoconv: interrupted; continue with `isoconv train --resume RUN_DIR`", file=sys.stderr)
+        print(f"isoconv: interrupted{interrupted_hint(args)}", file=sys.stderr)
         return 130
     except OSError as e:
         if e.errno not in DISK_FULL or args.debug:
@@ -435,6 +438,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 PEER_EXIT_DELAY_S = 10.0
+
+
+def interrupted_hint(args) -> str:
+    """What to run after Ctrl-C stopped a command before any training checkpoint (a stop inside training is an
+    Interrupted, with its own message): only a resumed run has one to continue from."""
+    if args.command == "train" and getattr(args, "resume", None):
+        return f"; continue with `isoconv train --resume {args.resume}`"
+    return ""
 
 
 def closed_pipe() -> int:

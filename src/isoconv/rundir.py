@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +34,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; two processes on one folder are then not detected
     fcntl = None
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 PREVIOUS_CHECKPOINT_NAME = "last.prev.pt"
@@ -271,19 +274,36 @@ class RunDir:
         except OSError:
             return []
         rows = []
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if not isinstance(row, dict) or not all(v is None or isinstance(v, (int, float)) for v in row.values()):
+                log.warning(f"{self.metrics} line {number} is not a row of numbers; it is left out")
+                continue
+            rows.append(row)
         return rows
 
     def read_summary(self) -> Optional[dict[str, Any]]:
         """summary.json, or None when it is missing or unreadable (then the run counts as unfinished)."""
         try:
-            return json.loads(self.summary.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = json.loads(self.summary.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
+        return data if isinstance(data, dict) else None
+
+    def summary_problem(self) -> Optional[str]:
+        """Why an existing summary.json does not count (e.g. "is not valid JSON (cut short?)"), else None."""
+        if not self.summary.is_file() or self.read_summary() is not None:
+            return None
+        try:
+            json.loads(self.summary.read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            return f"cannot be read ({getattr(e, 'strerror', None) or e})"
+        except json.JSONDecodeError:
+            return "is not valid JSON (cut short?)"
+        return "is not a JSON object"
 
     def read_tracking(self) -> Optional[dict[str, Any]]:
         """tracking.json (the tracking URI and run id), or None."""

@@ -11,9 +11,11 @@ from ..data import load_data, resolve_data_root
 from ..data.provenance import verify_data
 from ..errors import UserError
 from ..models import build_model
-from ..rundir import RunDir
+from ..rundir import CHECKPOINT_NAME, RunDir
 from ..runtime import PRECISIONS, resolve_device, resolve_precision
 from ..weights import load_checkpoint
+from ..weights.checkpoint import CorruptCheckpointError, previous_path
+from ..weights.files import model_format
 from .evaluate import evaluate, test_report
 
 
@@ -21,8 +23,30 @@ def checkpoint_path(target: Path) -> Path:
     if target.is_dir():
         return RunDir(target).checkpoint
     if target.is_file():
+        kind = model_format(target)
+        if kind in ("onnx", "torchscript", "safetensors"):
+            raise UserError(f"{target} is an exported {kind} model; `isoconv eval` takes a run folder or its "
+                            f"checkpoint (.pt): evaluate the run it was exported from, or run the export on images "
+                            f"with `isoconv predict {target} IMAGES`")
         return target
     raise UserError(f"{target} is neither a run directory nor a checkpoint file")
+
+
+def load_run_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint to evaluate; when a run's last.pt is corrupt and its previous one is whole, say so and name
+    it (evaluating other weights than asked for is not done silently)."""
+    try:
+        return load_checkpoint(path)
+    except CorruptCheckpointError as e:
+        previous = previous_path(path)
+        if path.name != CHECKPOINT_NAME or not previous.is_file():
+            raise
+        try:
+            epoch = load_checkpoint(previous).get("epoch")
+        except UserError:
+            raise e from None
+        raise UserError(f"{e}; the previous checkpoint {previous} (epoch {epoch}) is whole: evaluate it with "
+                        f"`isoconv eval {previous}`") from None
 
 
 def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: bool = True,
@@ -30,7 +54,7 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
                     device: str = "auto") -> dict[str, Any]:
     """The test report of a run's weights: the keys of summary.json plus `report_text`."""
     path = checkpoint_path(target)
-    state = load_checkpoint(path)
+    state = load_run_checkpoint(path)
     stored = dict(state["config"])
     cfg = apply_overrides(TrainConfig(), stored, f"checkpoint {path}")
     cfg = apply_overrides(cfg, {"device": device, "download": download, "test_subset": test_subset,
