@@ -5,6 +5,7 @@ The training flags are generated from TrainConfig's field metadata (`isoconv.con
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -423,6 +424,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"isoconv: interrupted{interrupted_hint(args)}", file=sys.stderr)
         return 130
     except OSError as e:
+        if e.errno in NOT_WRITABLE and e.filename and not args.debug:
+            where = Path(e.filename).parent if Path(e.filename).name.startswith(".") else Path(e.filename)
+            reason = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+            print(f"isoconv: error: cannot write {where} ({reason}); make it writable, or copy the run folder to a "
+                  f"writable place and pass the copy", file=sys.stderr)
+            return 2
         if e.errno not in DISK_FULL or args.debug:
             raise
         where = f" writing {e.filename}" if e.filename else ""
@@ -438,6 +445,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 PEER_EXIT_DELAY_S = 10.0
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def interrupted_hint(args) -> str:

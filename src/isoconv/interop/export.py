@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..fileio import atomic_write_with
+from ..fileio import atomic_write_with, write_and_sync
 from ..rundir import check_output_file
 from ..weights.files import INSTALL_HINT, model_format
 from ..weights.meta import META_KEY, ModelMeta
@@ -96,12 +96,13 @@ def export_model(model: nn.Module, meta: ModelMeta, fmt: str, out: Union[str, Pa
         write_atomically(out, lambda tmp: tmp.write_bytes(data))
         return ExportResult(out, fmt, dynamic, batch_size, max_abs_diff(model, OnnxModel(out), meta, check_batch))
     if fmt == "torchscript":
-        traced = trace(model, example)
-        write_atomically(out, lambda tmp: save_torchscript(traced, meta, tmp))
+        data = torchscript_bytes(trace(model, example), meta)  # in memory first: a full disk is then an OSError
+        write_atomically(out, lambda tmp: write_and_sync(tmp, data))
         loaded, _ = read_torchscript(out, torch.device("cpu"))
         return ExportResult(out, fmt, True, None, max_abs_diff(model, loaded, meta, example.shape[0] + 1))
     if fmt == "safetensors":
-        write_atomically(out, lambda tmp: save_safetensors(model, meta, tmp))
+        data = safetensors_bytes(model, meta)
+        write_atomically(out, lambda tmp: write_and_sync(tmp, data))
         return ExportResult(out, fmt, True, None, 0.0)
     raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
@@ -149,19 +150,21 @@ def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
             return torch.jit.trace(model, example)
 
 
-def save_torchscript(traced: torch.jit.ScriptModule, meta: ModelMeta, path: Path) -> None:
+def torchscript_bytes(traced: torch.jit.ScriptModule, meta: ModelMeta) -> bytes:
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save is deprecated from torch 2.9 on
-        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META_FILE: meta.to_json()})
+        torch.jit.save(traced, buffer, _extra_files={TORCHSCRIPT_META_FILE: meta.to_json()})
+    return buffer.getvalue()
 
 
-def save_safetensors(model: nn.Module, meta: ModelMeta, path: Path) -> None:
+def safetensors_bytes(model: nn.Module, meta: ModelMeta) -> bytes:
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
         raise UserError(f"safetensors export needs the safetensors package: {INSTALL_HINT}") from None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={META_KEY: meta.to_json()})
+    return save(state, metadata={META_KEY: meta.to_json()})
 
 
 @torch.no_grad()
