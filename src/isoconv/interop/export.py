@@ -63,11 +63,11 @@ def export_target(target: Union[str, Path], fmt: str, out: Optional[Union[str, P
     out_path = Path(out) if out else default_output(target, kind, fmt)
     if out_path.exists() and out_path.resolve() == target.resolve():
         raise UserError(f"--output {out_path} is the file being exported; choose another --output")
+    check_output_file(out_path, "--output", overwrite=overwrite, parents_created=True)
     claimed = SUFFIX_FORMATS.get(out_path.suffix.lower())
     if claimed is not None and claimed != fmt:
         raise UserError(f"--output {out_path} names a {claimed} file but --format is {fmt}; name it "
                         f"{out_path.with_suffix(SUFFIXES[fmt]).name} (or pass --format {claimed})")
-    check_output_file(out_path, "--output", overwrite=overwrite, parents_created=True)
     model, meta = read_model(target, torch.device("cpu"))
     return export_model(model, meta, fmt, out_path, batch_size=batch_size)
 
