@@ -91,7 +91,8 @@ def exports(tiny_finished_run, tmp_path_factory) -> Path:
                                       ("torchscript", "epoch-001.pt")])
 def test_1_export_never_replaces_a_run_file(run, fmt, name):
     before = snapshot(run)
-    result = (isoconv if name == "last.pt" else in_process)("export", run, "--format", fmt, "--output", run / name, "--overwrite")
+    run_it = isoconv if name == "last.pt" else in_process
+    result = run_it("export", run, "--format", fmt, "--output", run / name, "--overwrite")
     one_error_line(result, f"--output {run / name} is a file of the run in {run}")
     assert snapshot(run) == before
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
@@ -308,7 +309,8 @@ def test_15_label_smoothing_one_and_a_missing_mps_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("name,kind", [("m.onnx", "onnx"), ("m.safetensors", "safetensors")])
 def test_16_eval_of_an_export_names_the_command_that_takes_it(exports, name, kind):
-    one_error_line((isoconv if kind == "onnx" else in_process)("eval", exports / name), f"{exports / name} is an exported {kind} model; `isoconv eval` "
+    run_it = isoconv if kind == "onnx" else in_process
+    one_error_line(run_it("eval", exports / name), f"{exports / name} is an exported {kind} model; `isoconv eval` "
                    f"takes a run folder", f"`isoconv predict {exports / name} IMAGES`")
 
 
