@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from isoconv import cli
 from isoconv.cli import main
 from isoconv.config import build_config
 from isoconv.errors import ConfigError
@@ -321,6 +322,15 @@ def test_17_ctrl_c_says_no_placeholder(run):
     """
     result = isoconv("eval", run, wrapper=wrapper)
     assert result.returncode == 130 and result.stderr == "isoconv: interrupted\n", result.stderr
+
+
+def test_17_full_disk_outside_training_names_no_placeholder(run, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "/x/report.json")
+
+    monkeypatch.setattr(cli, "evaluate_target", full)
+    line = one_error_line(in_process("eval", run), "no space left on the device writing /x/report.json")
+    assert line.endswith("free some space, then run the command again") and "RUN_DIR" not in line
 
 
 def test_17_ctrl_c_while_starting_is_quiet():

@@ -433,9 +433,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if e.errno not in DISK_FULL or args.debug:
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"isoconv: error: no space left on the device{where}; free some space, then run the command again "
-              f"(a training run continues from its last checkpoint with `isoconv train --resume RUN_DIR`)",
-              file=sys.stderr)
+        folder = getattr(args, "resume", None) or getattr(args, "out", None)
+        resume = ((f" (the run continues from its last checkpoint with `isoconv train --resume {folder}`)" if folder
+                   else " (the run continues from its last checkpoint with `isoconv train --resume` and its folder)")
+                  if args.command == "train" else "")
+        print(f"isoconv: error: no space left on the device{where}; free some space, then run the command again"
+              f"{resume}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:  # a user problem with a known fix
         if args.debug:
