@@ -1,3 +1,4 @@
+import contextlib
 import io
 import logging
 import os
@@ -149,3 +150,18 @@ def captured_logs(name: str = "isoconv"):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def tiny_finished_run(tmp_path_factory, data_root) -> Path:
+    """One finished 1-epoch run of a tiny ConvMixer (fp32), trained once per session. Tests that change its files
+    work on a copy (shutil.copytree)."""
+    from isoconv.config import build_config
+    from isoconv.train.loop import train
+
+    run = tmp_path_factory.mktemp("tiny-finished") / "run"
+    cfg = build_config(model="cm-cpu", dim=16, depth=1, epochs=1, train_subset=64, test_subset=32, batch_size=32,
+                       data_dir=str(data_root), out=str(run), amp="off", device="cpu")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(cfg)
+    return run

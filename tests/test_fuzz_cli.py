@@ -39,10 +39,18 @@ FLAGS = {
 SWITCHES = ["--no-aug", "--no-hflip", "--no-channels-last", "--skip-nonfinite"]
 # paths made in each example's scratch folder: @run (a fresh run folder, the valid default), output paths that
 # cannot be a run folder, and files of the wrong type where weights are expected
+# (issue 32) also: a folder of the user's own files, and paths into a run folder's files; recipes whose values
+# have the wrong type (YAML text for numbers, a bool or a list for a number, a seed no generator takes)
 PATH_FLAGS = {
-    "--out": (["@run", "@fresh/deeper/run"], ["@notes.txt", "@notes.txt/run", "@" + "x" * 300, ""]),
+    "--out": (["@run", "@fresh/deeper/run"], ["@notes.txt", "@notes.txt/run", "@" + "x" * 300, "", "@project",
+                                              "@donerun", "@donerun/summary.json", "@donerun/last.pt",
+                                              "@donerun/config.yaml"]),
     "--pretrained": ([None], ["@notes.txt", "@cat.png", "@plain.pkl", "@missing.pt"]),
+    "--recipe": ([None], ["@bad-0.yaml", "@bad-1.yaml", "@bad-2.yaml", "@bad-3.yaml", "@bad-4.yaml",
+                          "@bad-5.yaml"]),
 }
+BAD_RECIPES = ["head_l2: \"0.05\"", "seed: 12345678901234567890", "ra_m: 2.5", "vflip: maybe", "jitter: [0.4]",
+               "eval_every: true"]
 
 
 CONVMIXER_FLAGS = {
@@ -87,6 +95,25 @@ def scratch_files(tmp: Path) -> None:
     (tmp / "notes.txt").write_text("keep me\n")
     Image.new("RGB", (8, 8)).save(tmp / "cat.png")
     (tmp / "plain.pkl").write_bytes(pickle.dumps({"model": {}, "config": {}}))
+    for name, folder in (("project", {"config.yaml": "lr: 3\n", "summary.json": "{}", "report.txt": "mine"}),
+                         ("donerun", {"config.yaml": "model: cm-cpu\nepochs: 1\nbatch_size: 2\nlr_max: 0.1\nseed: 0\n",
+                                      "summary.json": '{"epochs": 1}', "last.pt": "not a checkpoint"})):
+        (tmp / name).mkdir()
+        for file, text in folder.items():
+            (tmp / name / file).write_text(text)
+    for i, line in enumerate(BAD_RECIPES):
+        (tmp / f"bad-{i}.yaml").write_text(line + "\n")
+
+
+def is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name longer than the file system allows
+        return False
+
+
+def user_files(tmp: Path) -> dict:
+    return {str(p): p.read_bytes() for folder in ("project", "donerun") for p in sorted((tmp / folder).rglob("*"))}
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -94,6 +121,7 @@ def scratch_files(tmp: Path) -> None:
 def test_any_flag_combination_trains_or_fails_cleanly(argv, data_root):
     with tempfile.TemporaryDirectory() as tmp:
         scratch_files(Path(tmp))
+        before = user_files(Path(tmp))
         argv = [str(Path(tmp) / a[1:]) if a.startswith("@") else a for a in argv]
         out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else Path(tmp) / "run"
         full = ["train", *argv, "--epochs", "1", "--train-subset", "32", "--test-subset", "16", "--workers", "0",
@@ -108,7 +136,9 @@ def test_any_flag_combination_trains_or_fails_cleanly(argv, data_root):
             lines = [line for line in err.getvalue().splitlines() if line.strip()]
             assert code == 2, err.getvalue()
             assert len(lines) == 1 and lines[0].startswith("isoconv: error: "), err.getvalue()
-            assert out == Path(tmp) / "notes.txt" or not out.exists() or not out.is_dir() or \
-                out == Path(""), f"a failed run left {sorted(p.name for p in out.iterdir())}"
+            kept = (Path(tmp) / "notes.txt", Path(tmp) / "project", Path(tmp) / "donerun")  # checked below
+            assert out in kept or not is_folder(out) or out == Path(""), \
+                f"a failed run left {sorted(p.name for p in out.iterdir())}"
             assert not (Path(tmp) / "fresh").exists()  # folders on the way to a failed run's folder are not made
             assert (Path(tmp) / "notes.txt").read_text() == "keep me\n"
+        assert user_files(Path(tmp)) == before  # whatever happened, the user's folders and the run are untouched

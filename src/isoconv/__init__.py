@@ -1,7 +1,22 @@
 """isoconv: train, evaluate and ablate isotropic ConvNets (ConvMixer, ConvMixer-XL) and small ConvNeXts."""
-from .config import TrainConfig, build_config
-from .interop.load import load
-from .models import create_model, list_models
+import os
+import signal
+import sys
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    sys.stderr.write("isoconv: interrupted\n")
+    os._exit(128 + signum)
+
+
+# `python -m isoconv` / the `isoconv` script: Ctrl-C while torch loads (seconds, before the command line is read)
+# stops quietly, as it does later; nothing has been written yet. The command line restores Python's handler.
+if sys.argv[:1] == ["-m"] or os.path.basename(sys.argv[0] if sys.argv else "") == "isoconv":
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+from .config import TrainConfig, build_config  # noqa: E402
+from .interop.load import load  # noqa: E402
+from .models import create_model, list_models  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -5,9 +5,11 @@ The training flags are generated from TrainConfig's field metadata (`isoconv.con
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -19,7 +21,8 @@ import torch
 
 from .bench import run_bench, time_to_accuracy
 from .doctor import run_doctor
-from .config import DATASET_CHOICES, add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
+from .config import (DATASET_CHOICES, RESUME_FREE_FIELDS, add_setting_flags, build_config, list_recipes, load_recipe,
+                     settings_from_args)
 from .errors import Interrupted, UserError
 from .fileio import atomic_write, describe_file
 from .eval.run import evaluate_target
@@ -33,10 +36,10 @@ from .interop.serve import DEFAULT_HOST, DEFAULT_PORT, MAX_UPLOAD_BYTES, serve
 from .malloc_tuning import tune_allocator
 from .interop.predict import format_csv, format_json, format_table, predict_files
 from .models import list_models, model_info
-from .rundir import RUNS_FOLDER, RunDir, check_output_folder
+from .rundir import RUNS_FOLDER, RunDir, check_output_file, check_output_folder, check_run_folder
 from .train import distributed as ddp
 from .train import train
-from .train.loop import check_resume_config
+from .train.loop import check_resume_config, config_file_edits
 from .weights import load_latest_checkpoint
 from .zoo import zoo_entries
 
@@ -44,8 +47,15 @@ CPU_RECIPE = "cpu-quick"
 GPU_RECIPE = "convmixer-cifar10-25ep"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad flag or value (`--epochs 2.5`) reported as isoconv reports every error: one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"isoconv: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="isoconv", description=__doc__)
+    parser = OneLineParser(prog="isoconv", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command")
 
@@ -69,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["flip"], help="test-time augmentation: average with the mirrored image")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON (same keys as summary.json)")
+    add_overwrite_flag(p)
     p = sub.add_parser("bench", help="training and inference images/s side by side (models x loaders x "
                        "precisions), or time to accuracy")
     p.add_argument("--recipe", help="recipe whose settings are timed (default: the reference defaults); with "
@@ -91,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="also print the top operators of a training step by "
                    "time share (torch.profiler), per row")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_overwrite_flag(p)
     add_setting_flags(p)  # --batch-size (default 128 without a recipe), --data-dir, --device, --compile, ...
     add_experiment_parsers(sub)  # ablate, report
     p = sub.add_parser("doctor", help="the environment, then a few training steps through every fast-path feature "
@@ -98,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "when one that applies fails")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_overwrite_flag(p)
     p.add_argument("--skip", metavar="WORD[,WORD]", default="", help="do not run the checks whose name holds one of "
                    "these words (e.g. compile: compiling takes a minute on a CPU)")
     p = sub.add_parser("predict", help="top-k classes for image files (from a run or an exported model)")
@@ -113,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(file,rank,class,index,probability)")
     p.add_argument("--json", metavar="PATH", nargs="?", const=DEPRECATED_SWITCH,
                    help="also write the predictions as JSON to PATH (as in eval and bench)")
+    add_overwrite_flag(p)
     p.add_argument("--csv", action="store_true", help=argparse.SUPPRESS)  # old spelling of --format csv
     p = sub.add_parser("export", help="export a run's model as ONNX, TorchScript or safetensors (config inside), "
                        "or as a model folder in the Hugging Face Hub layout")
@@ -124,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"model.safetensors next to the weights); the folder for --format {FOLDER_FORMAT} (default: "
                    f"RUN_DIR/hf-model)")
     p.add_argument("--out", dest="old_out", metavar="FILE", help=argparse.SUPPRESS)  # old spelling of --output
+    add_overwrite_flag(p)
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="ONNX: fix the batch size to N (default: any batch size)")
     p.add_argument("--static-batch", action="store_true", help="ONNX: fix the batch size (to --batch-size, default 1)")
@@ -141,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2 ** 20,
                    help="larger uploads are refused (HTTP 413)")
     return parser
+
+
+def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists (a run's own "
+                   "files are never replaced)")
 
 
 PREDICT_FORMATS = ("table", "json", "csv")
@@ -166,7 +186,7 @@ def cmd_bench(args) -> int:
     overrides = settings_from_args(args)
     json_path = Path(args.json) if args.json else None
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
     if args.time_to_accuracy is not None:
         for flag, value in (("--models", args.models), ("--amps", args.amps), ("--loaders", args.loaders),
                             ("--epoch-images", args.epoch_images), ("--full-epoch", args.full_epoch or None)):
@@ -193,6 +213,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    if args.json:
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
     skip = [w.strip() for w in args.skip.split(",") if w.strip()]
     return run_doctor(args.device, Path(args.json) if args.json else None, skip)
 
@@ -244,19 +266,6 @@ def same_on_every_process():
         raise
 
 
-def check_output_file(path: str, flag: str, parents_created: bool = False) -> None:
-    """A file the command will write (--json PATH, export --output): not a folder, and its folder writable (and
-    existing, unless the command creates it)."""
-    p = Path(path)
-    if not path.strip():
-        raise UserError(f"{flag} is empty; pass a file path")
-    if p.is_dir():
-        raise UserError(f"{flag} {path} is a folder; pass a file path")
-    if not parents_created and not p.parent.is_dir():
-        raise UserError(f"{flag} {path}: the folder {p.parent} does not exist; create it or pass another path")
-    check_output_folder(p.parent, flag, "file's folder")
-
-
 def cmd_train(args) -> int:
     overrides = settings_from_args(args)
     if overrides.get("out"):  # `--out=~/runs/a` reaches us unexpanded
@@ -273,6 +282,8 @@ def cmd_train(args) -> int:
         ddp.check_batch_divides(cfg.batch_size, ddp.world_from_env().world_size)
         out = RUNS_FOLDER if cfg.out is None else cfg.out
         check_output_folder(out)
+        if cfg.out is not None:
+            check_run_folder(out)
     created = folders_to_create(out)
     try:
         publish_tracked(train(cfg))  # --track: summary, plots, run folder
@@ -286,8 +297,12 @@ def resume_run(run: RunDir, args, overrides: dict) -> int:
     """Continue a run from its checkpoint, or, when it was killed before writing one, start it again from the
     beginning with the settings it saved."""
     given = {k: v for k, v in overrides.items() if v is not None}
+    log = logging.getLogger(__name__)
     if args.recipe:
         raise UserError("--resume continues a run with its stored config; drop --recipe")
+    if given.get("out") is not None and Path(given["out"]).resolve() != run.path.resolve():
+        raise UserError(f"--resume {run} continues the run in its own folder; drop --out {given['out']} (to continue "
+                        f"it elsewhere, copy the folder there and resume the copy)")
     if not run.path.is_dir():
         raise UserError(f"--resume {run}: no such run directory; pass the folder a run wrote (it holds "
                         f"{run.checkpoint.name})")
@@ -295,27 +310,31 @@ def resume_run(run: RunDir, args, overrides: dict) -> int:
         stored = run.read_config()
         if stored is None:
             raise UserError(f"--resume {run}: the folder holds no checkpoint and no config.yaml; start a new run")
-        logging.getLogger(__name__).info(f"{run} was stopped before its first checkpoint: starting it again "
-                                         f"with its saved settings")
+        log.info(f"{run} was stopped before its first checkpoint: starting it again with its saved settings")
         publish_tracked(train(build_config(None, **{**stored, **given, "out": str(run)})))
         return 0
     finished = run.read_summary()
     if finished is not None:
-        stored = run.read_config() or {}
-        check_resume_config(run, stored, build_config(None, **{**stored, **given}))
-        logging.getLogger(__name__).info(
-            f"{run} is finished ({finished.get('epochs')} epoch{'' if finished.get('epochs') == 1 else 's'}, test "
-            f"top-1 {finished.get('test_top1', 0):.4f}); "
-            f"nothing to resume. `isoconv eval {run}` evaluates it again; train a new run to change its settings")
+        if set(given) - RESUME_FREE_FIELDS:  # flags that would change the run: say whether they differ
+            stored = run.read_config() or load_latest_checkpoint(run.checkpoint)["config"]
+            check_resume_config(run, stored, build_config(None, **{**stored, **given}))
+        log.info(f"{run} is finished ({finished.get('epochs')} epoch{'' if finished.get('epochs') == 1 else 's'}, "
+                 f"test top-1 {finished.get('test_top1', 0):.4f}); nothing to resume. `isoconv eval {run}` evaluates "
+                 f"it again; train a new run to change its settings")
         return 0
     state = load_latest_checkpoint(run.checkpoint)
-    publish_tracked(train(build_config(None, **{**state["config"], **given}), resume=run.path, resume_state=state))
+    edits = config_file_edits(run, state["config"])
+    if edits:
+        log.info(f"applying the edit of {run.config}: " + "; ".join(f"{k}: {state['config'][k]!r} -> {v!r}"
+                                                                     for k, v in edits.items()))
+    publish_tracked(train(build_config(None, **{**state["config"], **edits, **given}), resume=run.path,
+                          resume_state=state))
     return 0
 
 
 def cmd_eval(args) -> int:
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
     report = evaluate_target(Path(args.target), data_dir=args.data_dir, download=args.download,
                              test_subset=args.test_subset, tta=args.tta, device=args.device, dataset=args.dataset)
     print(report["report_text"])
@@ -337,11 +356,11 @@ def cmd_predict(args) -> int:
             raise UserError(f"--csv contradicts --format {fmt}: choose one")
         fmt = "csv"
     if json_path:
-        check_output_file(json_path, "--json")
         kind = describe_file(json_path) if Path(json_path).is_file() else None
         if kind not in (None, "a text file", "an empty file") or Path(json_path).suffix.lower() in IMAGE_SUFFIXES:
             raise UserError(f"--json {json_path} would overwrite {kind or 'an image'} with the predictions; --json takes "
                             f"the JSON file to write (use --format json to print JSON)")
+        check_output_file(json_path, "--json", overwrite=args.overwrite)
     result = predict_files(args.target, args.images, top_k=args.top_k, batch_size=args.batch_size,
                            tta_flip=args.tta == "flip", device=args.device)
     text = {"json": format_json, "csv": format_csv}.get(fmt or "table", format_table)(result)
@@ -367,9 +386,7 @@ def cmd_export(args) -> int:
         if output is not None and output != args.old_out:
             raise UserError(f"--out {args.old_out} contradicts --output {output}: pass --output only")
         output = args.old_out
-    if output is not None:
-        check_output_file(output, "--output", parents_created=True)
-    result = export_target(args.target, args.format, output, batch_size=batch_size)
+    result = export_target(args.target, args.format, output, batch_size=batch_size, overwrite=args.overwrite)
     batch = "any batch size" if result.dynamic_batch else f"batch size {result.batch_size}"
     check = "" if args.format == "safetensors" else f"; max abs diff vs PyTorch {result.max_abs_diff:.1e}"
     print(f"wrote {result.path} ({args.format}, {batch}{check})")
@@ -438,6 +455,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 2
     configure_logging()
+    if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_while_starting":
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is handled below
     try:
         try:
             return COMMANDS[args.command](args)
@@ -459,15 +478,24 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"isoconv: error: (process {rank}) {e}", file=sys.stderr, flush=True)  # only this one saw it
         return 2
     except KeyboardInterrupt:
-        print("isoconv: interrupted; continue with `isoconv train --resume RUN_DIR`", file=sys.stderr)
+        print(f"isoconv: interrupted{interrupted_hint(args)}", file=sys.stderr)
         return 130
     except OSError as e:
+        if e.errno in NOT_WRITABLE and e.filename and not args.debug:
+            where = Path(e.filename).parent if Path(e.filename).name.startswith(".") else Path(e.filename)
+            reason = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+            print(f"isoconv: error: cannot write {where} ({reason}); make it writable, or copy the run folder to a "
+                  f"writable place and pass the copy", file=sys.stderr)
+            return 2
         if e.errno not in DISK_FULL or args.debug:
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"isoconv: error: no space left on the device{where}; free some space, then run the command again "
-              f"(a training run continues from its last checkpoint with `isoconv train --resume RUN_DIR`)",
-              file=sys.stderr)
+        folder = getattr(args, "resume", None) or getattr(args, "out", None)
+        resume = ((f" (the run continues from its last checkpoint with `isoconv train --resume {folder}`)" if folder
+                   else " (the run continues from its last checkpoint with `isoconv train --resume` and its folder)")
+                  if args.command == "train" else "")
+        print(f"isoconv: error: no space left on the device{where}; free some space, then run the command again"
+              f"{resume}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:  # a user problem with a known fix
         if args.debug:
@@ -477,6 +505,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 PEER_EXIT_DELAY_S = 10.0
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def interrupted_hint(args) -> str:
+    """What to run after Ctrl-C stopped a command before any training checkpoint (a stop inside training is an
+    Interrupted, with its own message): only a resumed run has one to continue from."""
+    if args.command == "train" and getattr(args, "resume", None):
+        return f"; continue with `isoconv train --resume {args.resume}`"
+    return ""
 
 
 def closed_pipe() -> int:

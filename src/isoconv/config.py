@@ -120,7 +120,7 @@ class TrainConfig:
                                  "weights with 2+ dimensions)", role="optimisation", flag=None)
     opt_eps: float = setting(1e-8, "AdamW epsilon", role="optimisation", above=0)
     clip_norm: Optional[float] = setting(help="clip the gradient norm to this value", role="optimisation", least=0)
-    label_smoothing: float = setting(0.0, role="optimisation", least=0, most=1)
+    label_smoothing: float = setting(0.0, role="optimisation", least=0, below=1)
     head_l2: float = setting(0.0, "coupled L2 penalty: adds this times the sum of squared classifier weights to the "
                              "loss (Keras kernel_regularizer)", role="optimisation", least=0)
     pretrained: Optional[str] = setting(help="initial weights: an isoconv run/checkpoint, a timm or original-layout "
@@ -226,7 +226,10 @@ def check_value(f: dataclasses.Field, v: Any) -> None:
     """The checks a field's metadata declares; the message names the flag and the accepted values."""
     m, flag = f.metadata, flag_name(f.name)
     if v is None:
-        return
+        if "Optional" in str(f.type):
+            return
+        raise ConfigError(f"{flag} needs a value ({_TYPE_WORDS[_value_kind(f)]}), got nothing (null)")
+    check_type(f, v)
     if m["choices"] and v not in m["choices"]:
         raise ConfigError(f"{flag} must be one of {', '.join(m['choices'])}, got {v!r}")
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -239,6 +242,8 @@ def check_value(f: dataclasses.Field, v: Any) -> None:
         raise ConfigError(f"{flag} must be in {span}, got {v}")
     if above is not None and most is not None and not above < v <= most:
         raise ConfigError(f"{flag} must be in ({above:g}, {most:g}], got {v}")
+    if least is not None and below is not None and not least <= v < below:
+        raise ConfigError(f"{flag} must be in [{least:g}, {below:g}), got {v}")
     if above is not None and below is not None and not above < v < below:
         raise ConfigError(f"{flag} must be a fraction in ({above:g}, {below:g}), got {v}")
     if v <= 0 and (above == 0 or (least is not None and least > 0)):
@@ -248,6 +253,41 @@ def check_value(f: dataclasses.Field, v: Any) -> None:
     if least is not None and least > 0 and v < least:
         extra = " (BatchNorm needs two images)" if f.name == "batch_size" else ""
         raise ConfigError(f"{flag} must be at least {least:g}{extra}, got {v}")
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a text", bool: "true or false",
+               dict: "a mapping"}
+# the largest value torch, numpy and Python's random all take as a seed
+SEED_MAX = 2 ** 32 - 1
+
+
+def _value_kind(f: dataclasses.Field) -> type:
+    hint = str(f.type)
+    return next((t for name, t in (("bool", bool), ("int", int), ("float", float), ("dict", dict)) if name in hint),
+                str)
+
+
+def check_type(f: dataclasses.Field, v: Any) -> None:
+    """A value of the field's declared type, whatever it came from (a recipe, --set, a flag, a saved config):
+    YAML reads `1e12` and `"0.05"` as text, and `true` is not a number of epochs."""
+    kind, flag = _value_kind(f), flag_name(f.name)
+    ok = {bool: lambda: isinstance(v, bool),
+          int: lambda: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
+          dict: lambda: isinstance(v, dict),
+          str: lambda: isinstance(v, str)}[kind]()
+    if not ok:
+        hint = ""
+        if isinstance(v, str) and kind in (int, float):
+            try:
+                number = float(v)
+                if kind is float or number.is_integer():
+                    hint = f"; YAML reads {v} as text: write {int(number) if kind is int else number!r} without quotes"
+            except (ValueError, OverflowError):
+                pass
+        raise ConfigError(f"{flag} must be {_TYPE_WORDS[kind]}, got {v!r} ({type(v).__name__}){hint}")
+    if f.name == "seed" and not 0 <= v <= SEED_MAX:
+        raise ConfigError(f"{flag} must be in 0..{SEED_MAX}, got {v}")
 
 
 SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}

@@ -130,6 +130,8 @@ def remove_empty_folders(folders: list[Path]) -> None:
     for folder in folders:
         try:
             folder.rmdir()
+        except FileNotFoundError:
+            continue  # already removed (a failed run removes its own folder)
         except OSError:
             return
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,8 +35,16 @@ try:
 except ImportError:  # Windows: no advisory locks; two processes on one folder are then not detected
     fcntl = None
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_NAME = "last.pt"
+PREVIOUS_CHECKPOINT_NAME = "last.prev.pt"
 RUNS_FOLDER = Path("runs")
+# the files and folders a run writes into its folder (epoch-NNN.pt aside): no other command's output may replace them
+RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, "summary.json", "report.txt",
+             "error.txt", "tensorboard", "tracking.json", ".lock", "report.md", "plots")
+# keys every config.yaml isoconv writes holds (a project's own config.yaml does not make its folder a run)
+_RUN_CONFIG_KEYS = {"model", "epochs", "batch_size", "lr_max", "seed"}
 
 
 def check_output_folder(path: Union[str, Path], flag: str = "--out", what: str = "run folder") -> Path:
@@ -86,6 +95,65 @@ def check_output_folder(path: Union[str, Path], flag: str = "--out", what: str =
     return path
 
 
+def is_run_folder(path: Union[str, Path]) -> bool:
+    """Whether `path` holds an isoconv run (finished, unfinished, failed or killed before its first checkpoint)."""
+    run = RunDir(path)
+    if run.has_checkpoint() or run.lock_file.exists():
+        return True
+    config = run.read_config()
+    return config is not None and _RUN_CONFIG_KEYS <= set(config)
+
+
+def run_owning(path: Union[str, Path]) -> Optional["RunDir"]:
+    """The run whose own file `path` is (config.yaml, last.pt, summary.json, epoch-003.pt, ...), else None."""
+    path = Path(path).expanduser()
+    name = path.name
+    if name not in RUN_FILES and not (name.startswith("epoch-") and name.endswith(".pt")):
+        return None
+    folder = path.parent if str(path.parent) else Path(".")
+    return RunDir(folder) if is_run_folder(folder) else None
+
+
+def check_output_file(path: Union[str, Path], flag: str, *, overwrite: bool = False,
+                      parents_created: bool = False) -> Path:
+    """A file a command is about to write (--json PATH, export --output, ...): the one check every output goes
+    through. Refused, in one line: a folder, a missing folder (unless the command creates it), an unwritable
+    place, a file a run folder owns (always), and any other existing file unless `overwrite` (the user's
+    --overwrite)."""
+    text = str(path)
+    if not text.strip():
+        raise UserError(f"{flag} is empty; pass a file path")
+    p = Path(text).expanduser()
+    if p.is_dir():
+        raise UserError(f"{flag} {text} is a folder; pass a file path")
+    if not parents_created and not p.parent.is_dir():
+        raise UserError(f"{flag} {text}: the folder {p.parent} does not exist; create it or pass another path")
+    check_output_folder(p.parent, flag, "file's folder")
+    owner = run_owning(p)
+    if owner is not None:
+        raise UserError(f"{flag} {text} is a file of the run in {owner}; isoconv never replaces a run's own files: "
+                        f"pass a path outside the run's files (e.g. {owner / ('out' + (p.suffix or '.json'))})")
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise UserError(f"{flag} {text} already exists; pass another path, or add --overwrite to replace it")
+    return p
+
+
+def check_run_folder(path: Union[str, Path], flag: str = "--out") -> None:
+    """A training run goes into a new or empty folder, or one that holds an isoconv run: never into a folder of the
+    user's own files (its config.yaml or summary.json would be replaced and the run mixed into it)."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or is_run_folder(path):
+        return
+    try:
+        entries = sorted(p.name for p in path.iterdir())
+    except OSError:
+        return  # check_output_folder reports an unreadable place
+    if entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise UserError(f"{flag} {path} holds other files ({shown}) and no isoconv run; pass a new or empty "
+                        f"folder")
+
+
 def _name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
@@ -110,7 +178,7 @@ class RunDir:
     config = property(lambda self: self.path / "config.yaml")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoint = property(lambda self: self.path / CHECKPOINT_NAME)
-    previous_checkpoint = property(lambda self: self.path / "last.prev.pt")
+    previous_checkpoint = property(lambda self: self.path / PREVIOUS_CHECKPOINT_NAME)
     summary = property(lambda self: self.path / "summary.json")
     report = property(lambda self: self.path / "report.txt")
     error = property(lambda self: self.path / "error.txt")
@@ -206,19 +274,36 @@ class RunDir:
         except OSError:
             return []
         rows = []
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if not isinstance(row, dict) or not all(v is None or isinstance(v, (int, float)) for v in row.values()):
+                log.warning(f"{self.metrics} line {number} is not a row of numbers; it is left out")
+                continue
+            rows.append(row)
         return rows
 
     def read_summary(self) -> Optional[dict[str, Any]]:
         """summary.json, or None when it is missing or unreadable (then the run counts as unfinished)."""
         try:
-            return json.loads(self.summary.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = json.loads(self.summary.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
+        return data if isinstance(data, dict) else None
+
+    def summary_problem(self) -> Optional[str]:
+        """Why an existing summary.json does not count (e.g. "is not valid JSON (cut short?)"), else None."""
+        if not self.summary.is_file() or self.read_summary() is not None:
+            return None
+        try:
+            json.loads(self.summary.read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            return f"cannot be read ({getattr(e, 'strerror', None) or e})"
+        except json.JSONDecodeError:
+            return "is not valid JSON (cut short?)"
+        return "is not a JSON object"
 
     def read_tracking(self) -> Optional[dict[str, Any]]:
         """tracking.json (the tracking URI and run id), or None."""

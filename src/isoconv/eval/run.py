@@ -12,10 +12,11 @@ from ..data import load_data, resolve_data_root
 from ..data.provenance import verify_data
 from ..errors import UserError
 from ..models import build_model
-from ..rundir import RunDir
+from ..rundir import CHECKPOINT_NAME, RunDir
 from ..runtime import PRECISIONS, resolve_device, resolve_precision
 from ..weights import load_checkpoint
-from ..weights.files import read_model_folder
+from ..weights.checkpoint import CorruptCheckpointError, previous_path
+from ..weights.files import model_format, read_model_folder
 from ..weights.model_folder import folder_summary, is_model_folder
 from .evaluate import evaluate, test_report
 
@@ -24,6 +25,11 @@ def checkpoint_path(target: Path) -> Path:
     if target.is_dir():
         return RunDir(target).checkpoint
     if target.is_file():
+        kind = model_format(target)
+        if kind in ("onnx", "torchscript", "safetensors"):
+            raise UserError(f"{target} is an exported {kind} model; `isoconv eval` takes a run folder or its "
+                            f"checkpoint (.pt): evaluate the run it was exported from, or run the export on images "
+                            f"with `isoconv predict {target} IMAGES`")
         return target
     raise UserError(f"{target} is neither a run directory nor a checkpoint file")
 
@@ -35,7 +41,24 @@ def read_weights(target: Path) -> tuple[Path, dict[str, Any]]:
         return target, {"model": state, "config": meta.config, "data": meta.data, "epoch": meta.epoch,
                         "params": meta.params}
     path = checkpoint_path(target)
-    return path, load_checkpoint(path)
+    return path, load_run_checkpoint(path)
+
+
+def load_run_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint to evaluate; when a run's last.pt is corrupt and its previous one is whole, say so and name
+    it (evaluating other weights than asked for is not done silently)."""
+    try:
+        return load_checkpoint(path)
+    except CorruptCheckpointError as e:
+        previous = previous_path(path)
+        if path.name != CHECKPOINT_NAME or not previous.is_file():
+            raise
+        try:
+            epoch = load_checkpoint(previous).get("epoch")
+        except UserError:
+            raise e from None
+        raise UserError(f"{e}; the previous checkpoint {previous} (epoch {epoch}) is whole: evaluate it with "
+                        f"`isoconv eval {previous}`") from None
 
 
 def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: bool = True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import CONFIG_KEYS, add_setting_flags, settings_from_args, suggest
+from ..config import CONFIG_KEYS, SETTINGS, add_setting_flags, check_value, settings_from_args, suggest
 from ..errors import ConfigError, Interrupted, UserError
 from ..rundir import check_output_folder
 from .ablate import ABLATE_FLAGS, default_sweep_dir, format_command, run_ablation
@@ -66,6 +66,11 @@ def parse_set(items: list[str]) -> dict:
             out[key] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
             raise UserError(f"--set {item}: {value!r} is not a valid value") from None
+        try:
+            if out[key] is not None:  # `KEY=` leaves the setting to the spec
+                check_value(SETTINGS[key], out[key])
+        except ConfigError as e:
+            raise ConfigError(f"--set {item}: {e}") from None
     return out
 
 

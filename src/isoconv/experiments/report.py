@@ -1,6 +1,7 @@
 """`isoconv report RUN_OR_SWEEP_DIR`: (re)generate the plots and a report.md that embeds them."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
@@ -14,6 +15,8 @@ from . import plots
 from .published import FIGURE_KEYS, OUR_METRIC, figures_text, params_note
 from .results import (MANIFEST, VariantResult, human_seconds, load_manifest, mean_std, pct, pct_pm,
                       results_markdown, test_split_facts, write_results)
+
+log = logging.getLogger(__name__)
 
 PLOTS = "plots"
 
@@ -79,7 +82,11 @@ def write_run_report(run_dir: Path) -> Path:
             lines += [f"Published for this recipe (the seed's own figure, not ours): {published}"
                       f" — {config['published'].get('source', 'no source given')}.", ""]
     else:
-        lines += [f"Not finished: {len(rows)} of {config.get('epochs', '?')} epochs logged.", ""]
+        problem = run.summary_problem()
+        if problem:
+            log.warning(f"{run.summary} {problem}; the run is shown as not finished")
+        lines += [f"Not finished: {len(rows)} of {config.get('epochs', '?')} epochs logged"
+                  f"{f' ({run.summary.name} {problem})' if problem else ''}.", ""]
     lines += metrics_table(rows) + ["", "## Training curves", "", image(figs["curves"], run_dir, "training curves"),
                                     "", "## Learning-rate schedule", "", image(figs["lr"], run_dir, "lr schedule")]
     if "confusion" in figs:

@@ -20,12 +20,15 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..fileio import atomic_write_with
+from ..fileio import atomic_write_with, write_and_sync
+from ..rundir import check_output_file
 from ..weights.files import INSTALL_HINT, model_format
 from ..weights.meta import META_KEY, ModelMeta
 from .load import TORCHSCRIPT_META_FILE, OnnxModel, import_onnxruntime, read_model, read_torchscript
 
 FORMATS = ("onnx", "torchscript", "safetensors")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+SUFFIX_FORMATS = {".onnx": "onnx", ".safetensors": "safetensors", ".pt": "torchscript", ".pth": "torchscript"}
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "safetensors": "model.safetensors"}
 ONNX_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime >= 1.14 runs it
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -42,8 +45,11 @@ class ExportResult:
 
 
 def export_target(target: Union[str, Path], fmt: str, out: Optional[Union[str, Path]] = None, *,
-                  batch_size: Optional[int] = None) -> ExportResult:
+                  batch_size: Optional[int] = None, overwrite: bool = False) -> ExportResult:
     """Export a run directory, checkpoint or isoconv .safetensors file to `fmt`.
+
+    The output (`out`, else a default name next to the weights) is never a run's own file, nor an existing file
+    unless `overwrite`.
 
     ONNX: `batch_size=None` (default) exports a dynamic batch axis; an int fixes the batch to that size.
     """
@@ -56,7 +62,12 @@ def export_target(target: Union[str, Path], fmt: str, out: Optional[Union[str, P
                         f"checkpoint or a .safetensors file")
     out_path = Path(out) if out else default_output(target, kind, fmt)
     if out_path.exists() and out_path.resolve() == target.resolve():
-        raise UserError(f"--out {out_path} is the file being exported; choose another --out")
+        raise UserError(f"--output {out_path} is the file being exported; choose another --output")
+    check_output_file(out_path, "--output", overwrite=overwrite, parents_created=True)
+    claimed = SUFFIX_FORMATS.get(out_path.suffix.lower())
+    if claimed is not None and claimed != fmt:
+        raise UserError(f"--output {out_path} names a {claimed} file but --format is {fmt}; name it "
+                        f"{out_path.with_suffix(SUFFIXES[fmt]).name} (or pass --format {claimed})")
     model, meta = read_model(target, torch.device("cpu"))
     return export_model(model, meta, fmt, out_path, batch_size=batch_size)
 
@@ -85,12 +96,13 @@ def export_model(model: nn.Module, meta: ModelMeta, fmt: str, out: Union[str, Pa
         write_atomically(out, lambda tmp: tmp.write_bytes(data))
         return ExportResult(out, fmt, dynamic, batch_size, max_abs_diff(model, OnnxModel(out), meta, check_batch))
     if fmt == "torchscript":
-        traced = trace(model, example)
-        write_atomically(out, lambda tmp: save_torchscript(traced, meta, tmp))
+        data = torchscript_bytes(trace(model, example), meta)  # in memory first: a full disk is then an OSError
+        write_atomically(out, lambda tmp: write_and_sync(tmp, data))
         loaded, _ = read_torchscript(out, torch.device("cpu"))
         return ExportResult(out, fmt, True, None, max_abs_diff(model, loaded, meta, example.shape[0] + 1))
     if fmt == "safetensors":
-        write_atomically(out, lambda tmp: save_safetensors(model, meta, tmp))
+        data = safetensors_bytes(model, meta)
+        write_atomically(out, lambda tmp: write_and_sync(tmp, data))
         return ExportResult(out, fmt, True, None, 0.0)
     raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
@@ -138,19 +150,21 @@ def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
             return torch.jit.trace(model, example)
 
 
-def save_torchscript(traced: torch.jit.ScriptModule, meta: ModelMeta, path: Path) -> None:
+def torchscript_bytes(traced: torch.jit.ScriptModule, meta: ModelMeta) -> bytes:
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save is deprecated from torch 2.9 on
-        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META_FILE: meta.to_json()})
+        torch.jit.save(traced, buffer, _extra_files={TORCHSCRIPT_META_FILE: meta.to_json()})
+    return buffer.getvalue()
 
 
-def save_safetensors(model: nn.Module, meta: ModelMeta, path: Path) -> None:
+def safetensors_bytes(model: nn.Module, meta: ModelMeta) -> bytes:
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
         raise UserError(f"safetensors export needs the safetensors package: {INSTALL_HINT}") from None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", META_KEY: meta.to_json()})  # "format": what the Hub reads
+    return save(state, metadata={"format": "pt", META_KEY: meta.to_json()})  # "format": what the Hub reads
 
 
 @torch.no_grad()

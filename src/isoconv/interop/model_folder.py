@@ -21,7 +21,7 @@ from ..rundir import RunDir
 from ..weights.files import model_format, read_model_folder
 from ..weights.meta import META_KEY, ModelMeta
 from ..weights.model_folder import CARD_NAME, CONFIG_NAME, MODEL_TYPE, SUMMARY_KEY, WEIGHTS_NAME, is_model_folder
-from .export import max_abs_diff, save_safetensors
+from .export import max_abs_diff, safetensors_bytes
 from .load import build_with_weights, preprocess_for, read_model
 
 FOLDER_FORMAT = "folder"
@@ -52,7 +52,7 @@ def export_folder(run: Union[str, Path], out: Optional[Union[str, Path]] = None)
     model = model.to(torch.float32).eval()
 
     def write(tmp: Path) -> None:
-        save_safetensors(model, meta, tmp / WEIGHTS_NAME)
+        (tmp / WEIGHTS_NAME).write_bytes(safetensors_bytes(model, meta))
         atomic_write(tmp / CONFIG_NAME, json.dumps(folder_config(model, meta, summary), indent=2) + "\n")
         atomic_write(tmp / CARD_NAME, model_card(meta, summary))
         state, reread = read_model_folder(tmp)  # what a user loads: check it before the folder appears

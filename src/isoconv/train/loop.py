@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from ..config import TrainConfig, config_differences
+from ..config import RESUME_FREE_FIELDS, TrainConfig, config_differences
 from ..errors import ConfigError, UserError
 from ..eval.evaluate import EVAL_BATCH, predict_logits, score, test_report
 from ..models import count_params, with_preset_shape
@@ -206,6 +206,23 @@ def check_resume_config(run: RunDir, stored: dict[str, Any], cfg: TrainConfig) -
     if diffs:
         raise ConfigError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); drop those flags or "
                           f"start a new run")
+
+
+def config_file_edits(run: RunDir, saved: dict[str, Any]) -> dict[str, Any]:
+    """What the user changed in an unfinished run's config.yaml since its checkpoint was written (`saved`: the
+    checkpoint's config). A setting that changes what the run computes is refused in one line (config.yaml and the
+    checkpoint disagree: an edit, or a checkpoint from another run); runtime settings (device, time budget, ...)
+    are returned, to be applied."""
+    edited = run.read_config()
+    if edited is None:
+        return {}
+    diffs = config_differences(saved, edited)
+    if diffs:
+        raise ConfigError(f"--resume {run}: {run.config} disagrees with the run's checkpoint ({'; '.join(diffs)}); a "
+                          f"run resumes with its checkpoint's settings: undo the edit (or put back the run's own "
+                          f"{run.checkpoint.name}), or train a new run with --recipe {run.config} --out NEW_DIR")
+    return {k: v for k, v in edited.items() if k in RESUME_FREE_FIELDS and k != "out" and k in saved and
+            v != saved[k]}
 
 
 def train(cfg: TrainConfig, *, resume: Optional[Path] = None, stop_after: Optional[int] = None,

@@ -106,10 +106,12 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         remove_stale_temporaries(path)
     except OSError as e:
         if e.errno in DISK_FULL:
-            kept = f"the previous checkpoint {path} is intact" if path.exists() else "no checkpoint was written yet"
+            then = (f"the previous checkpoint {path} is intact; free some space, then resume with `isoconv train "
+                    f"--resume {path.parent}`") if path.exists() else \
+                ("no checkpoint was written yet, so the run cannot be resumed; free some space, then run the "
+                 "training command again")
             raise UserError(f"no space left on the device writing checkpoint {path} ({len(data) / 1e6:.1f} MB); "
-                            f"{kept}; free some space, then resume with `isoconv train --resume {path.parent}`"
-                            ) from None
+                            f"{then}") from None
         raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; check the folder's permissions "
                         f"and space") from None
 
