@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 
 from isoconv.models import compiled, depthwise
 
@@ -185,3 +188,108 @@ def test_a_failed_private_build_leaves_no_temporary_folder_and_falls_back(one_bu
         assert lib.load() is None and lib.failed
     assert "cannot build the CPU kernels in depthwise_grad.c (cc failed: error)" in logs[-1]
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+# ---- what enters a C kernel is checked (the op is public: torch.ops.isoconv.depthwise_param_grads)
+
+def reference_param_grads(grad_out, x, k, pad):
+    weight = torch.zeros(x.shape[1], 1, k, k, dtype=torch.float64)
+    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out.double(), x.double(), weight, [x.shape[1]], [1, 1], [pad, pad], [1, 1], False, [0, 0], x.shape[1],
+        [False, True, True])
+    return grad_w, grad_b
+
+
+@pytest.mark.parametrize("grad_dtype, x_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_mismatched_dtypes_are_an_error_not_a_wrong_number(grad_dtype, x_dtype):
+    """Was: NaN for a float32 gradient with a bf16 input, a read past the gradient's buffer the other way round."""
+    x = torch.randn(2, 8, 6, 6, dtype=x_dtype)
+    grad_out = torch.randn(2, 8, 6, 6, dtype=grad_dtype)
+    with pytest.raises(TypeError, match=f"needs grad_out of x's dtype and device, got {grad_dtype} on cpu and "
+                                        f"{x_dtype} on cpu"):
+        torch.ops.isoconv.depthwise_param_grads(grad_out, x, 3, 3, [1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("grad_shape", [(2, 8, 4, 4), (2, 8, 6, 7), (1, 8, 6, 6), (2, 4, 6, 6), (2, 8, 36)])
+def test_a_gradient_of_the_wrong_shape_is_an_error(grad_shape):
+    """Was: a gradient smaller than the input implied writes past the kernel's buffers."""
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"needs (grad_out of shape \(2, 8, 6, 6\)|4-d grad_out)"):
+        torch.ops.isoconv.depthwise_param_grads(torch.randn(grad_shape), x, 3, 3, [1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("pad", [[-1, 1, 1, 1], [1, 1, 1]])
+def test_bad_padding_is_an_error(pad):
+    x = torch.randn(2, 8, 6, 6)
+    with pytest.raises(ValueError, match="4 non-negative paddings"):
+        torch.ops.isoconv.depthwise_param_grads(torch.randn(2, 8, 6, 6), x, 3, 3, pad)
+
+
+def test_a_non_contiguous_gradient_gives_the_right_numbers_through_the_op_and_an_error_at_the_kernel():
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 7, 7).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(3, 16, 7, 14)[..., ::2]  # every other column: no dense layout
+    assert not grad_out.is_contiguous() and not grad_out.is_contiguous(memory_format=torch.channels_last)
+    grad_w, grad_b = torch.ops.isoconv.depthwise_param_grads(grad_out, x, 3, 3, [1, 1, 1, 1])
+    want_w, want_b = reference_param_grads(grad_out, x, 3, 1)
+    torch.testing.assert_close(grad_w.double(), want_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_b.double(), want_b, rtol=1e-5, atol=1e-5)
+    assert depthwise.native.library is not None  # the C kernel computed them
+    with pytest.raises(ValueError, match=r"the C kernel needs grad_out as a channels-last contiguous fp32 or bf16 "
+                                         r"CPU tensor, got torch.float32 on cpu with strides \(1568, 98, 14, 2\)"):
+        depthwise.param_grads_native(grad_out, x, 3, 3, [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="the C kernel needs x as a channels-last"):
+        depthwise.param_grads_native(grad_out.contiguous(memory_format=torch.channels_last), x.contiguous(), 3, 3,
+                                     [1, 1, 1, 1])
+
+
+def test_the_gelu_kernel_takes_only_what_it_can_read():
+    """float64 or contiguous (not channels-last) inputs go to the inductor kernels' eager fallback, never to C."""
+    from isoconv.models import act_norm
+
+    a = torch.randn(2, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = act_norm._activate_gelu
+    act_norm._activate_gelu = lambda t: (calls.append(t.dtype), act_norm.activate_gelu(t))[1]
+    try:
+        h, slope, *_ = act_norm.gelu_and_channel_sums(a)
+    finally:
+        act_norm._activate_gelu = real
+    assert calls == [torch.float64]
+    torch.testing.assert_close(h, torch.nn.functional.gelu(a), rtol=1e-6, atol=1e-6)
+
+
+# ---- CompiledKernel falls back on compile failures only
+
+def fake_compile(error):
+    def compile(fn, **kwargs):
+        def run(*args):
+            raise error
+        return run
+    return compile
+
+
+def test_a_compile_failure_falls_back_after_one_warning(monkeypatch):
+    monkeypatch.setattr(torch, "compile", fake_compile(torch._inductor.exc.InvalidCxxCompiler()))
+    kernel = compiled.CompiledKernel(lambda t: t * 2, "doubling")
+    with captured_logs("isoconv.models.compiled") as logs:
+        assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
+        assert torch.equal(kernel(torch.ones(2)), torch.full((2,), 2.0))
+    assert kernel.failed and len(logs) == 1
+    assert logs[0].startswith("doubling: torch.compile failed (InvalidCxxCompiler: No working C++ compiler found")
+
+
+def test_an_error_that_is_not_a_compile_failure_is_raised_and_keeps_the_compiled_path(monkeypatch):
+    monkeypatch.setattr(torch, "compile", fake_compile(MemoryError("out of memory")))
+    kernel = compiled.CompiledKernel(lambda t: t * 2, "doubling")
+    with pytest.raises(MemoryError, match="out of memory"):
+        kernel(torch.ones(3))
+    assert not kernel.failed
+
+
+def test_bad_inputs_raise_their_own_error_and_keep_the_compiled_path(monkeypatch):
+    monkeypatch.setattr(torch, "compile", fake_compile(torch._dynamo.exc.TorchRuntimeError("shape mismatch")))
+    kernel = compiled.CompiledKernel(lambda a, b: a + b, "adding")
+    with pytest.raises(RuntimeError, match="must match the size"):
+        kernel(torch.ones(3), torch.ones(4))
+    assert not kernel.failed

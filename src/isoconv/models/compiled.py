@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 from torch.profiler import record_function
 
 from ..fileio import atomic_write, atomic_write_with
@@ -54,7 +56,8 @@ def fast_cpu_training(device: torch.device, dtype: torch.dtype, numel: int) -> b
 
 class CompiledKernel:
     """`fn` compiled by inductor on first call (fullgraph, dynamic shapes). When compiling fails (no C++ compiler,
-    for one) it warns once and calls `fallback` (default: `fn` itself, eagerly) for the rest of the process.
+    for one: `COMPILE_FAILURES`) it warns once and calls `fallback` (default: `fn` itself, eagerly) for the rest of
+    the process; any other error of a call is raised, and an error the inputs cause raises from the fallback too.
 
     Dynamic shapes: one compile serves every batch size and image size (an epoch's last, smaller batch, another
     model width), and runs as fast as the shape-specialised kernels did (measured at cm-vanilla's shape in bf16:
@@ -73,12 +76,21 @@ class CompiledKernel:
             try:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), record_function(self.name):
                     return self.compiled(*args)
-            except Exception as e:  # whatever failed in compiling, the fallback computes the same
+            except COMPILE_FAILURES as e:
+                # what is wrong with the inputs raises again here, eagerly, and leaves the compiled path in place
+                result = self.fallback(*args)
                 self.failed = True
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 log.warning("%s: torch.compile failed (%s: %s); continuing without it (slower)", self.name,
                             type(e).__name__, first_line)
+                return result
         return self.fallback(*args)
+
+
+# what torch.compile raises when it cannot compile (dynamo and inductor errors, wrapped or not; no C++ compiler);
+# anything else a call raises is an error of the call, not a reason to fall back
+COMPILE_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError,
+                    torch._inductor.exc.InvalidCxxCompiler, OSError)
 
 
 C_COMPILERS = ("cc", "gcc", "clang")
