@@ -293,3 +293,14 @@ def test_bad_inputs_raise_their_own_error_and_keep_the_compiled_path(monkeypatch
     with pytest.raises(RuntimeError, match="must match the size"):
         kernel(torch.ones(3), torch.ones(4))
     assert not kernel.failed
+
+
+def test_this_round_s_cases_are_documented():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    for name in ("truncated cached kernel", "kernel cache writable by others", "kernel cache of another user",
+                 "symlinked cached kernel", "unwritable kernel cache", "kernel op misused",
+                 "tracking server unreachable", "tracking folder on another host", "SQLite URI without a file",
+                 "unwritable tracking store", "tracking URI forms", "no GPU for gpu-check",
+                 "16-bit, float and other image modes", "folder link out of a class", "dangling or looping file link",
+                 "Ray request the cluster cannot meet", "Ray sweep stopped", "killed export"):
+        assert f"\n| {name} |" in doc, f"docs/errors.md has no row for {name!r}"

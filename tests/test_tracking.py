@@ -266,3 +266,12 @@ def test_an_unreachable_server_stops_a_sweep_before_anything_is_written(tmp_path
     with pytest.raises(UserError, match=f"^--tracking-uri {re.escape(uri)}: cannot reach the MLflow tracking server"):
         main(["ablate", str(spec), "--out", str(tmp_path / "sweep"), "--track", "mlflow", "--tracking-uri", uri])
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_store_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep")
+    uri = str(tmp_path / "notes.txt" / "mlruns")
+    with pytest.raises(UserError, match=f"^--tracking-uri {re.escape(uri)}: cannot write the store's folder "
+                                        f"{re.escape(uri)} \\({re.escape(str(tmp_path / 'notes.txt'))} is not a "
+                                        f"writable folder\\); pass a folder you can write$"):
+        check_tracking(uri)
