@@ -66,7 +66,7 @@ def replace(path: Path, data: bytes) -> None:
     os.replace(new, path)
 
 
-def test_truncated_cached_kernels_are_rebuilt_in_a_real_training_process(data_root, tmp_path):
+def test_truncated_or_others_writable_kernels_are_not_loaded_in_a_real_training_process(data_root, tmp_path):
     """Was: SIGBUS (exit 135) when the second run loaded the truncated library."""
     env = dict(os.environ, ISOCONV_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(SRC))
 
@@ -74,7 +74,9 @@ def test_truncated_cached_kernels_are_rebuilt_in_a_real_training_process(data_ro
         return subprocess.run([sys.executable, "-m", "isoconv", *TRAIN, "--data-dir", str(data_root), "--out",
                                str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=600)
 
-    first = train("first")
+    # the cache as a first training run leaves it (built by loading the kernels alone: a training process less)
+    first = subprocess.run([sys.executable, "-c", "from isoconv.models import depthwise; assert depthwise.native.load()"],
+                           env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     libraries = sorted((tmp_path / "cache" / compiled.NATIVE_FOLDER).glob("*.so"))
     assert libraries, "the first run built no C kernel"
@@ -86,6 +88,16 @@ def test_truncated_cached_kernels_are_rebuilt_in_a_real_training_process(data_ro
     warnings = [line for line in second.stderr.splitlines() if "does not match the digest" in line]
     assert len(warnings) == len(libraries) and "rebuilding it" in warnings[0]
     assert all(library.stat().st_size > 1000 and compiled.verified(library) for library in libraries)
+    # a kernel others can write is not loaded, whatever it holds: cut again (loading it would kill the process)
+    for library in libraries:
+        with open(library, "r+b") as f:
+            f.truncate(1000)
+        library.chmod(0o777)
+    third = train("third")
+    assert third.returncode == 0, third.stderr[-3000:]
+    warnings = [line for line in third.stderr.splitlines() if "not loading the cached CPU kernel" in line]
+    assert len(warnings) == len(libraries) and "is writable by others" in warnings[0]
+    assert all(library.stat().st_size == 1000 for library in libraries)  # left alone
 
 
 def test_a_changed_kernel_is_rebuilt_after_one_warning(one_build, cache):
