@@ -29,12 +29,15 @@ while [ $# -gt 0 ]; do
 done
 case "$device" in
   cuda*)  # one line, before any step, when the GPU asked for is not there (each step would fail the same way)
-    if ! "$py" -c "import sys, torch; d = torch.device(sys.argv[1]); sys.exit(0 if torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count() else 1)" "$device" 2>/dev/null; then
+    has_gpu="import sys, torch; d = torch.device(sys.argv[1])
+sys.exit(0 if torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count() else 1)"
+    if ! "$py" -c "$has_gpu" "$device" 2>/dev/null; then
       if [ "$quick" = 1 ] && [ "$device_given" = 0 ]; then
         echo "gpu-check.sh: no CUDA GPU visible; --quick runs on the CPU instead (--device cpu)"
         device=cpu
       else
-        echo "gpu-check.sh: error: no CUDA GPU visible for --device $device (torch.cuda.is_available() is false); run it on a GPU machine, or pass --quick (without --device) or --device cpu to check this CPU" >&2
+        echo "gpu-check.sh: error: no CUDA GPU visible for --device $device (torch.cuda.is_available() is false);" \
+          "run it on a GPU machine, or pass --quick (without --device) or --device cpu to check this CPU" >&2
         exit 2
       fi
     fi ;;

@@ -75,8 +75,8 @@ def test_truncated_or_others_writable_kernels_are_not_loaded_in_a_real_training_
                                str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=600)
 
     # the cache as a first training run leaves it (built by loading the kernels alone: a training process less)
-    first = subprocess.run([sys.executable, "-c", "from isoconv.models import depthwise; assert depthwise.native.load()"],
-                           env=env, capture_output=True, text=True, timeout=600)
+    build = "from isoconv.models import depthwise; assert depthwise.native.load()"
+    first = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     libraries = sorted((tmp_path / "cache" / compiled.NATIVE_FOLDER).glob("*.so"))
     assert libraries, "the first run built no C kernel"
