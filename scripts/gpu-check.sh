@@ -7,25 +7,41 @@
 #   scripts/gpu-check.sh [--device cuda] [--data-dir D] [--out gpu-check] [--budget 540] [--quick]
 #
 # --quick: tiny models, tiny subsets, 1 epoch (runs on a CPU in well under a minute: `--quick --device cpu`);
-# the doctor skips its compile checks there (`--skip compile`: inductor takes about a minute on a CPU).
-# Exit code: 0 when every step succeeded, else 1.
+# the doctor skips its compile checks there (`--skip compile`: inductor takes about a minute on a CPU). Without a
+# visible CUDA GPU, --quick with no --device runs on the CPU and says so first; a CUDA check stops at once.
+# Exit code: 0 when every step succeeded, 2 when no check could start (bad arguments, no GPU), else 1.
 set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}"
 py="${ISOCONV_PYTHON:-python3}"
-device=cuda data_dir="" out=gpu-check budget=540 quick=0
+device=cuda data_dir="" out=gpu-check budget=540 quick=0 device_given=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --device) device="$2"; shift 2 ;;
+    --device) device="$2"; device_given=1; shift 2 ;;
     --data-dir) data_dir="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --budget) budget="$2"; shift 2
       case "$budget" in ''|*[!0-9]*) echo "gpu-check.sh: error: --budget takes whole seconds, got $budget" >&2; exit 2 ;; esac ;;
     --quick) quick=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "gpu-check.sh: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+case "$device" in
+  cuda*)  # one line, before any step, when the GPU asked for is not there (each step would fail the same way)
+    has_gpu="import sys, torch; d = torch.device(sys.argv[1])
+sys.exit(0 if torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count() else 1)"
+    if ! "$py" -c "$has_gpu" "$device" 2>/dev/null; then
+      if [ "$quick" = 1 ] && [ "$device_given" = 0 ]; then
+        echo "gpu-check.sh: no CUDA GPU visible; --quick runs on the CPU instead (--device cpu)"
+        device=cpu
+      else
+        echo "gpu-check.sh: error: no CUDA GPU visible for --device $device (torch.cuda.is_available() is false);" \
+          "run it on a GPU machine, or pass --quick (without --device) or --device cpu to check this CPU" >&2
+        exit 2
+      fi
+    fi ;;
+esac
 if [ -e "$out/tta-run" ]; then
   echo "gpu-check.sh: error: $out already holds a check (tta-run); pass another --out or remove it" >&2; exit 2
 fi

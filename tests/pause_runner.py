@@ -2,7 +2,8 @@
 
     python tests/pause_runner.py EVENT[@N] SECONDS ISOCONV_ARGS...
 
-Events: `step` (after a training step returns) and `checkpoint-write` (half of a checkpoint file written). When the
+Events: `step` (after a training step returns), `checkpoint-write` (half of a checkpoint file written) and
+`export-write` (an export's temporary file written, before it is renamed into place). When the
 pause starts, the process prints `ISOCONV_TEST_PAUSED EVENT[@N] rank=R pid=P`. The hooks are monkeypatched here,
 so production code carries no test seams. Also usable as the script torchrun starts.
 """
@@ -45,6 +46,18 @@ def install(spec: str, seconds: float) -> None:
                 pause()
             real_write(path, data)
         fileio.write_and_sync = write
+    elif event == "export-write":
+        from isoconv.interop import export
+
+        real_atomic = export.atomic_write_with
+
+        def atomic(path, write, *args):
+            def write_then_pause(tmp):
+                write(tmp)
+                if due():
+                    pause()
+            return real_atomic(path, write_then_pause, *args)
+        export.atomic_write_with = atomic
     else:
         raise SystemExit(f"unknown event {event!r}")
 

@@ -6,6 +6,7 @@ vector width), kernel widths past its 8-column passes, even kernels with asymmet
 a multiple of its 4-image chunks."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -197,15 +198,16 @@ def test_native_kernel_is_built_once_and_then_loaded_from_the_cache(tmp_path, mo
     monkeypatch.setenv("ISOCONV_CACHE", str(tmp_path))
     first = compiled.NativeLibrary("depthwise_grad.c", depthwise.declare_param_grads)
     assert first.load() is not None
-    built = list((tmp_path / compiled.NATIVE_FOLDER).iterdir())
-    assert [p.suffix for p in built] == [".so"] and built[0].name.startswith("depthwise_grad-")
+    built = sorted((tmp_path / compiled.NATIVE_FOLDER).iterdir())
+    assert [p.suffix for p in built] == [".so", ".sha256"] and built[0].name.startswith("depthwise_grad-")
+    assert built[1].read_text().strip() == hashlib.sha256(built[0].read_bytes()).hexdigest()  # its build digest
 
     def no_compiler(*args):
         raise AssertionError("compiled again")
     monkeypatch.setattr(compiled, "compile_c", no_compiler)
     second = compiled.NativeLibrary("depthwise_grad.c", depthwise.declare_param_grads)
     assert second.load() is not None and not second.failed
-    assert list((tmp_path / compiled.NATIVE_FOLDER).iterdir()) == built
+    assert sorted((tmp_path / compiled.NATIVE_FOLDER).iterdir()) == built
 
 
 def test_without_a_c_compiler_the_weight_grad_falls_back_to_aten(tmp_path):
@@ -251,7 +253,7 @@ def test_the_build_for_cpus_without_avx512_gives_the_same_results(tmp_path, monk
     wide = results_built_with(())
     narrow = results_built_with(("-mno-avx512f",))
     assert depthwise.native.library is not None and act_norm.native.library is not None
-    assert len(list((tmp_path / compiled.NATIVE_FOLDER).iterdir())) == 4  # both sources, both targets
+    assert len(list((tmp_path / compiled.NATIVE_FOLDER).glob("*.so"))) == 4  # both sources, both targets
     for a, b in zip(sum(wide, ()), sum(narrow, ())):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 

@@ -4,6 +4,7 @@ The compile checks use `runtime.COMPILE_BACKEND` = eager (monkeypatched): dynamo
 only inductor's C++ code generation (~30 s on this CPU even for a tiny model) is skipped.
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -114,12 +115,21 @@ def test_time_budget_stops_cleanly_after_an_evaluated_epoch_and_resumes(data_roo
     assert summary["epochs"] == 3 and len(RunDir(run).read_metrics()) == 3
 
 
+def gpu_check(*args, timeout=300) -> subprocess.CompletedProcess:
+    """scripts/gpu-check.sh ARGS with no GPU visible (whatever the machine has)."""
+    return subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "ISOCONV_PYTHON": sys.executable,
+                                                "CUDA_VISIBLE_DEVICES": ""})
+
+
 def test_gpu_check_quick_on_cpu_writes_the_summary(data_root, tmp_path):
+    """Without a GPU and without --device, --quick checks the CPU and says so on its first line (was: all three
+    steps ran into the same "no CUDA GPU" error)."""
     out = tmp_path / "gpu-check"
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), "--quick", "--device", "cpu",
-                           "--data-dir", str(data_root), "--out", str(out)], capture_output=True, text=True,
-                          timeout=300, env={**__import__("os").environ, "ISOCONV_PYTHON": sys.executable})
+    done = gpu_check("--quick", "--data-dir", str(data_root), "--out", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.splitlines()[0] == "gpu-check.sh: no CUDA GPU visible; --quick runs on the CPU instead " \
+                                          "(--device cpu)"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is True and summary["device"] == "cpu" and summary["quick"] is True
     assert list(summary["steps"]) == ["doctor", "bench", "tta"]
@@ -134,3 +144,15 @@ def test_gpu_check_quick_on_cpu_writes_the_summary(data_root, tmp_path):
                     "| checkpoint write + exact resume | ✔ |", "| cm-cpu | torchvision | fp32 |"):
         assert section in md
     assert (out / "tta-run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("args", [[], ["--quick", "--device", "cuda"], ["--device", "cuda:0", "--budget", "60"]])
+def test_gpu_check_without_a_gpu_stops_in_one_line_before_any_step(tmp_path, args):
+    out = tmp_path / "gpu-check"
+    done = gpu_check(*args, "--out", str(out), timeout=120)
+    device = args[args.index("--device") + 1] if "--device" in args else "cuda"
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"gpu-check.sh: error: no CUDA GPU visible for --device {device} (torch.cuda.is_available() is false); run "
+        f"it on a GPU machine, or pass --quick (without --device) or --device cpu to check this CPU"]
+    assert not out.exists()

@@ -142,3 +142,87 @@ def test_any_flag_combination_trains_or_fails_cleanly(argv, data_root):
             assert not (Path(tmp) / "fresh").exists()  # folders on the way to a failed run's folder are not made
             assert (Path(tmp) / "notes.txt").read_text() == "keep me\n"
         assert user_files(Path(tmp)) == before  # whatever happened, the user's folders and the run are untouched
+
+
+# ---- folder datasets (every PIL mode, symbolic links) and tracking servers (none, or one that is not there)
+
+LINKS = ["none", "dir-to-parent", "dir-to-other-class", "dir-inside", "dangling-file", "looping-file"]
+
+
+@st.composite
+def folder_case(draw):
+    from test_image_modes import MODES
+
+    return {"modes": draw(st.lists(st.sampled_from(MODES), min_size=1, max_size=4, unique=True)),
+            "link": draw(st.sampled_from(LINKS)), "skip_bad": draw(st.booleans()),
+            "unreachable_tracking": draw(st.integers(0, 5)) == 5}
+
+
+def plant_folder_dataset(root: Path, case: dict) -> None:
+    """train/ and val/ with classes a and b of 8x8 RGB PNGs, then the drawn modes' images (converted to 8x8) and
+    the drawn link in train/a."""
+    import numpy as np
+    from PIL import Image
+    from test_image_modes import CASES
+
+    for split in ("train", "val"):
+        for label, base in (("a", 10), ("b", 200)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8, 3), base + i, np.uint8)).save(root / split / label / f"{i}.png")
+    for mode in case["modes"]:
+        fmt, make, _, _ = CASES[mode]
+        make().resize((8, 8)).save(root / "train" / "a" / f"m-{mode.replace(';', '_')}.{fmt}", fmt)
+    a = root / "train" / "a"
+    link = case["link"]
+    if link == "dir-to-parent":
+        (a / "loop").symlink_to("..")
+    elif link == "dir-to-other-class":
+        (a / "other").symlink_to("../b")
+    elif link == "dir-inside":
+        (a / "sub").mkdir()
+        Image.fromarray(np.full((8, 8, 3), 50, np.uint8)).save(a / "sub" / "s.png")
+        (a / "again").symlink_to("sub")
+    elif link == "dangling-file":
+        (a / "gone.png").symlink_to("nowhere.png")
+    elif link == "looping-file":
+        (a / "self.png").symlink_to("self.png")
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(case=folder_case())
+def test_any_folder_dataset_and_tracking_server_trains_or_fails_cleanly(case):
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out = Path(tmp) / "data", Path(tmp) / "run"
+        plant_folder_dataset(data, case)
+        argv = ["train", "--model", "cm-cpu", "--dim", "8", "--depth", "1", "--batch-size", "4", "--epochs", "1",
+                "--amp", "off", "--workers", "0", "--device", "cpu", "--dataset", "folder", "--data-dir", str(data),
+                "--out", str(out)]
+        if case["skip_bad"]:
+            argv.append("--skip-bad-images")
+        if case["unreachable_tracking"]:
+            import socket
+
+            with socket.socket() as s:  # a port nothing listens on
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            argv += ["--track", "mlflow", "--tracking-uri", f"http://127.0.0.1:{port}"]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)  # any exception other than a clean error propagates and fails the test
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("isoconv: error: ")]
+        broken_file = case["link"] in ("dangling-file", "looping-file")
+        if case["unreachable_tracking"]:
+            expected = "cannot reach the MLflow tracking server"
+        elif case["link"] in ("dir-to-parent", "dir-to-other-class"):
+            expected = "out of its class folder"
+        elif broken_file and not case["skip_bad"]:
+            expected = "it is a symbolic link"
+        else:
+            expected = None
+        if expected is None:
+            assert code == 0, err.getvalue()
+            assert load_checkpoint(out / "last.pt")["epoch"] == 1
+        else:
+            assert code == 2 and len(lines) == 1 and expected in lines[0], err.getvalue()
+            assert not out.exists()

@@ -6,6 +6,7 @@ one folder is atomic on POSIX and Windows), and the folder is fsynced so the ren
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -47,9 +48,13 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str],
 
 def atomic_write_with(path: Union[str, Path], write: Callable[[Path], None],
                       before_replace: Callable[[Path], None] = lambda target: None) -> None:
-    """Like atomic_write, for writers that need a file name (`write(tmp_path)`, e.g. an ONNX exporter)."""
+    """Like atomic_write, for writers that need a file name (`write(tmp_path)`, e.g. an ONNX exporter).
+
+    The temporary file is `.NAME.PID-RANDOM.tmp`; those that a killed process (PID no longer running) left for the
+    same `path` are removed first."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_orphaned_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -73,6 +78,27 @@ def remove_stale_temporaries(path: Path) -> None:
     """Temporary files of `path` left by a writer that was killed mid-write."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+def remove_orphaned_temporaries(path: Path) -> None:
+    """The temporary files of `path` whose writer (the PID in their name) is no longer running: a `kill -9` or a
+    power cut mid-write. Others' (a writer still running, a name not of this form) are left alone."""
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*-*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not process_running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process (or not a pid): keep its files
+        return True
+    return True
 
 
 def append_line(path: Union[str, Path], line: str) -> None:

@@ -42,7 +42,7 @@ CACHE_ENV = "ISOCONV_CACHE"
 WORKERS_ENV = "ISOCONV_DECODE_WORKERS"
 CACHE_DIRNAME = ".isoconv-cache"
 FALLBACK_DIR = "~/.cache/isoconv/cache"
-DECODE_VERSION = 1  # bump when decoding changes (resampling, colour conversion): every cache is rebuilt
+DECODE_VERSION = 2  # bump when decoding changes (resampling, colour conversion): every cache is rebuilt
 FORMAT = "isoconv-decoded-images"
 CHUNK = 256  # images per pool task
 
@@ -181,10 +181,13 @@ def file_listing(base: Path, files: Sequence[str]) -> List[List[Any]]:
     for rel in files:
         try:
             st = os.stat(prefix + rel)
-        except FileNotFoundError:
-            raise UserError(f"{prefix + rel} disappeared while the dataset was being read; run again") from None
         except OSError as e:
-            raise UserError(f"cannot read {prefix + rel} ({e.strerror or e}); check its permissions") from None
+            if os.path.islink(prefix + rel):  # dangling or looping: decoding says so (--skip-bad-images skips it)
+                st = os.lstat(prefix + rel)
+            elif isinstance(e, FileNotFoundError):
+                    raise UserError(f"{prefix + rel} disappeared while the dataset was being read; run again") from None
+            else:
+                raise UserError(f"cannot read {prefix + rel} ({e.strerror or e}); check its permissions") from None
         rows.append([rel, st.st_size, st.st_mtime_ns])
     return rows
 

@@ -26,10 +26,15 @@ def _subfolders(folder: Path) -> List[str]:
 
 
 def _images_under(root: Path, rel: str) -> List[str]:
-    """Image files below root/rel (recursively, following links once) relative to root, in a fixed sorted order."""
+    """Image files below root/rel (recursively, following links once) relative to root, in a fixed sorted order.
+
+    A folder link inside root/rel that leads back into the dataset outside root/rel (`loop -> ..`, a link to
+    another class) is refused: its images would be counted again under this class. Links to folders elsewhere
+    (other disks) are followed."""
     found: List[str] = []
     visited = set()
     start = os.path.join(str(root), "")
+    real_root, real_class = os.path.realpath(root), os.path.realpath(start + rel)
     for dirpath, dirnames, filenames in os.walk(start + rel, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in visited:  # a link loop
@@ -37,10 +42,24 @@ def _images_under(root: Path, rel: str) -> List[str]:
             continue
         visited.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in dirnames:
+            _check_folder_link(os.path.join(dirpath, d), real_root, real_class, start + rel)
         here = Path(dirpath[len(start):]).as_posix()
         found += [f"{here}/{f}" for f in sorted(filenames)
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
     return found
+
+
+def _check_folder_link(path: str, real_root: str, real_class: str, class_dir: str) -> None:
+    if not os.path.islink(path):
+        return
+    target = os.path.realpath(path)
+    inside = lambda folder: os.path.commonpath([target, folder]) == folder  # noqa: E731
+    if inside(real_class):
+        return
+    if inside(real_root) or os.path.commonpath([target, real_class]) == target:
+        raise UserError(f"{path} is a link to {target}, out of its class folder {class_dir} into the dataset's own "
+                        f"folders (their images would be labelled {os.path.basename(class_dir)} too); remove the link")
 
 
 def class_files(root: Path, split: str, classes: Sequence[str],

@@ -34,6 +34,7 @@ from ..fileio import atomic_write
 from ..models import build_model, with_preset_shape
 from ..rundir import RunDir
 from ..train import train
+from ..train.tracking import check_tracking
 from .launchers import LAUNCHERS, LaunchOptions, run_with_ray, run_with_slurm
 from .report import write_sweep_report
 from .results import MANIFEST, load_manifest, write_results
@@ -246,6 +247,8 @@ def run_ablation(spec: Any, *, out: Optional[Path] = None, seeds: Optional[int] 
     runs = plan_runs(spec, sweep_dir, seeds, overrides)
     check_models(spec, runs)
     check_existing_runs(runs)
+    if overrides.get("track") == "mlflow":
+        check_tracking(overrides.get("tracking_uri"))
     command = command or format_command(spec_arg, seeds=seeds, parallel=parallel, out=sweep_dir, overrides=overrides,
                                         only=only)
 

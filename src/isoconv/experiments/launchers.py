@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -95,37 +98,67 @@ def run_with_ray(todo: list, work: Callable, *, stop_after, on_finish, options: 
     checkpoint. Returns [(run, state, message)] in the order they finished."""
     ray = engine("ray", "ray", "ray")
     started_here = not ray.is_initialized()
-    if started_here:
-        if options.ray_address:
-            log.info(f"joining the Ray cluster at {options.ray_address}")
-            ray.init(address=options.ray_address, log_to_driver=False)
-        else:
-            log.info("starting a local Ray instance (pass --ray-address to use a cluster)")
-            ray.init(include_dashboard=False, log_to_driver=False)
-    threads = max(1, int(options.cpus_per_run))
-    task = ray.remote(num_cpus=options.cpus_per_run, num_gpus=options.gpus_per_run, max_retries=options.retries,
-                      retry_exceptions=[Interrupted])(work)
-    log.info(f"submitting {len(todo)} Ray task(s), each with {options.cpus_per_run} CPU(s) and "
-             f"{options.gpus_per_run:g} GPU(s); logs in each run folder's ablate.log")
-    pending = {task.remote(r.config, threads, stop_after): r for r in todo}
-    outcomes = []
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            r = pending.pop(ready[0])
-            try:
-                state, message = ray.get(ready[0])
-            except ray.exceptions.RayError as e:  # out of retries
-                state, message = record_failure(r, f"the Ray task failed after {options.retries} retries: "
-                                                   f"{one_line(e)}")
-            outcomes.append((r, state, message))
-            on_finish(r, state, message)
-    finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+    with stopping_on_sigterm():  # SIGTERM raises here, so the local Ray instance is shut down on that path too
         if started_here:
-            ray.shutdown()
+            if options.ray_address:
+                log.info(f"joining the Ray cluster at {options.ray_address}")
+                ray.init(address=options.ray_address, log_to_driver=False)
+            else:
+                log.info("starting a local Ray instance (pass --ray-address to use a cluster)")
+                ray.init(include_dashboard=False, log_to_driver=False)
+        pending: dict = {}
+        try:
+            check_ray_resources(ray.cluster_resources(), options)
+            threads = max(1, int(options.cpus_per_run))
+            task = ray.remote(num_cpus=options.cpus_per_run, num_gpus=options.gpus_per_run,
+                              max_retries=options.retries, retry_exceptions=[Interrupted])(work)
+            log.info(f"submitting {len(todo)} Ray task(s), each with {options.cpus_per_run} CPU(s) and "
+                     f"{options.gpus_per_run:g} GPU(s); logs in each run folder's ablate.log")
+            pending = {task.remote(r.config, threads, stop_after): r for r in todo}
+            outcomes = []
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                r = pending.pop(ready[0])
+                try:
+                    state, message = ray.get(ready[0])
+                except ray.exceptions.RayError as e:  # out of retries
+                    state, message = record_failure(r, f"the Ray task failed after {options.retries} retries: "
+                                                       f"{one_line(e)}")
+                outcomes.append((r, state, message))
+                on_finish(r, state, message)
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            if started_here:
+                ray.shutdown()
     return outcomes
+
+
+def check_ray_resources(resources: dict, options: LaunchOptions) -> None:
+    """A run asking for more GPUs or CPUs than the whole Ray cluster has would wait forever: say so instead."""
+    for flag, name, wanted in (("--gpus-per-run", "GPU", options.gpus_per_run),
+                               ("--cpus-per-run", "CPU", options.cpus_per_run)):
+        has = resources.get(name, 0)
+        if wanted > has:
+            fix = "pass --gpus-per-run 0 to train on CPUs" if name == "GPU" else f"pass --cpus-per-run {int(has)}"
+            raise UserError(f"{flag} {wanted:g} cannot be met: the Ray cluster has {has:g} {name}(s) in all, so the "
+                            f"runs would wait forever; {fix}, or --ray-address a cluster that has them")
+
+
+@contextmanager
+def stopping_on_sigterm():
+    """SIGTERM raises Interrupted in this (the main) thread while the block runs, so its cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Interrupted("the sweep was stopped by SIGTERM; run the same command again to continue it", signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------- Slurm (submitit)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..rundir import RunDir
-from ..train.tracking import log_scalars, mlflow_client, open_run, resolve_uri
+from ..train.tracking import check_tracking, log_scalars, mlflow_client, open_run
 from .report import write_run_report
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def publish_run(run_dir: Path) -> Optional[str]:
 
 def open_sweep(sweep_dir: Path, name: str, params: dict, uri: Optional[str]) -> tuple[str, str]:
     """(tracking URI, parent run id) of a sweep, reopened when SWEEP_DIR/tracking.json records one."""
-    uri = resolve_uri(uri)
+    uri = check_tracking(uri)
     _, run_id = open_run(RunDir(sweep_dir), uri, name, params,
                          tags={"isoconv.sweep_dir": str(Path(sweep_dir).resolve())})
     return uri, run_id

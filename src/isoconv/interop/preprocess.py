@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..augment import normalize
-from ..data.images import decode_image, is_image_file
+from ..data.images import decode_image, is_image_file, to_rgb
 from ..errors import UserError
 
 ImageLike = Union[str, Path, torch.Tensor, Any]  # Any: a PIL.Image.Image (PIL is imported lazily)
@@ -63,7 +63,7 @@ class Preprocess:
     def _pil_to_uint8(self, image) -> torch.Tensor:
         from PIL import Image
 
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
         if rgb.size != (self.image_size, self.image_size):
             rgb = rgb.resize((self.image_size, self.image_size), Image.BICUBIC)
         return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from .compiled import CompiledKernel, NativeLibrary, fast_cpu_training
+from .compiled import FAST_DTYPES, CompiledKernel, NativeLibrary, fast_cpu_training
 
 __all__ = ["fused_act_batch_norm", "fused_activation", "ActBatchNormFunction"]
 
@@ -107,11 +107,12 @@ def gelu_and_channel_sums(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Te
     """(h = gelu(a), gelu'(a), then `channel_sums(h)`). Channels-last inputs take one pass of the C kernel
     (csrc/gelu_stats.c: the same arithmetic; inductor's two kernels took 9.7 ms where it takes 4.6 at cm-vanilla's
     shape in bf16); other layouts, or no C compiler, the inductor kernels."""
-    lib = native.load() if a.is_contiguous(memory_format=torch.channels_last) and a.numel() > 0 else None
+    lib = native.load() if (a.ndim == 4 and a.numel() > 0 and a.dtype in FAST_DTYPES and a.device.type == "cpu"
+                            and a.is_contiguous(memory_format=torch.channels_last)) else None
     if lib is None:
         h, slope = _activate_gelu(a)
         return (h, slope) + _channel_sums(h)
-    h, slope = torch.empty_like(a), torch.empty_like(a)
+    h, slope = (torch.empty_like(a, memory_format=torch.channels_last) for _ in range(2))
     c = a.shape[1]
     sum_d, sum_d2, shift = (torch.empty(c, dtype=torch.float32) for _ in range(3))
     with record_function("GELU + BatchNorm statistics (C)"):  # names the kernel in `isoconv bench --profile`

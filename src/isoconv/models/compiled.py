@@ -14,16 +14,19 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 from torch.profiler import record_function
 
-from ..fileio import atomic_write_with
-from ..runtime import cache_folder, cpu_flags
+from ..fileio import atomic_write, atomic_write_with
+from ..runtime import CACHE_ENV, cache_folder, cpu_flags
 
 __all__ = ["CompiledKernel", "NativeLibrary", "fast_cpu_training", "FAST_MIN_ELEMENTS", "FAST_DTYPES"]
 
@@ -53,7 +56,8 @@ def fast_cpu_training(device: torch.device, dtype: torch.dtype, numel: int) -> b
 
 class CompiledKernel:
     """`fn` compiled by inductor on first call (fullgraph, dynamic shapes). When compiling fails (no C++ compiler,
-    for one) it warns once and calls `fallback` (default: `fn` itself, eagerly) for the rest of the process.
+    for one: `COMPILE_FAILURES`) it warns once and calls `fallback` (default: `fn` itself, eagerly) for the rest of
+    the process; any other error of a call is raised, and an error the inputs cause raises from the fallback too.
 
     Dynamic shapes: one compile serves every batch size and image size (an epoch's last, smaller batch, another
     model width), and runs as fast as the shape-specialised kernels did (measured at cm-vanilla's shape in bf16:
@@ -72,12 +76,21 @@ class CompiledKernel:
             try:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), record_function(self.name):
                     return self.compiled(*args)
-            except Exception as e:  # whatever failed in compiling, the fallback computes the same
+            except COMPILE_FAILURES as e:
+                # what is wrong with the inputs raises again here, eagerly, and leaves the compiled path in place
+                result = self.fallback(*args)
                 self.failed = True
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 log.warning("%s: torch.compile failed (%s: %s); continuing without it (slower)", self.name,
                             type(e).__name__, first_line)
+                return result
         return self.fallback(*args)
+
+
+# what torch.compile raises when it cannot compile (dynamo and inductor errors, wrapped or not; no C++ compiler);
+# anything else a call raises is an error of the call, not a reason to fall back
+COMPILE_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError,
+                    torch._inductor.exc.InvalidCxxCompiler, OSError)
 
 
 C_COMPILERS = ("cc", "gcc", "clang")
@@ -91,9 +104,15 @@ class NativeLibrary:
     """`csrc/<source>` built by the system C compiler ($CC, else cc, gcc or clang) with `C_FLAGS` and OpenMP (without
     it where the compiler has none) and loaded with ctypes. Builds are cached in `<cache folder>/kernels/`, named by a
     hash of the source (with csrc's headers), compiler, flags and CPU, so a machine compiles each source once (well
-    under a second); an unwritable cache folder means a build per process. `declare(lib)` sets the functions' ctypes
-    signatures; `extra_flags` (tests) build for another target, e.g. ("-mno-avx512f",) for the code AVX2-only CPUs
-    get.
+    under a second); `declare(lib)` sets the functions' ctypes signatures; `extra_flags` (tests) build for another
+    target, e.g. ("-mno-avx512f",) for the code AVX2-only CPUs get.
+
+    Loading a library runs its code, so a cached build is checked first, like the data caches and as ssh checks its
+    keys: the file and its folder must belong to the current user and be writable by no one else, and the file must
+    match the sha256 digest recorded beside it (`<name>.sha256`) when it was built. A build that does not match
+    (truncated by a full disk or a killed copy) is rebuilt, after a one-line warning; one that fails the ownership
+    check is left alone and a private copy is built for this process, as where the cache cannot be written. A
+    private copy is built in a temporary folder that is removed once the library is loaded.
 
     `load()` returns the library, or None after one warning when nothing could build it; callers then use aten's or
     inductor's kernels."""
@@ -106,32 +125,92 @@ class NativeLibrary:
     def load(self) -> Optional[ctypes.CDLL]:
         if self.library is None and not self.failed:
             try:
-                self.library = ctypes.CDLL(str(self.build()))
+                self.library = self.open()
                 self.declare(self.library)
-            except (OSError, subprocess.SubprocessError, AttributeError) as e:
-                self.failed = True
+            except (OSError, subprocess.SubprocessError, AttributeError) as e:  # no compiler, a failed build
+                self.library, self.failed = None, True
                 log.warning("cannot build the CPU kernels in %s (%s); continuing without them (slower)", self.source,
                             str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         return self.library
 
-    def build(self) -> Path:
+    def open(self) -> ctypes.CDLL:
+        """The library from the cache when it passes the checks, else built (into the cache where it can be)."""
         compiler = find_c_compiler()
         code = b"".join(path.read_bytes() for path in [SOURCES / self.source, *sorted(SOURCES.glob("*.h"))])
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
         parts = (code, compiler, version, " ".join(self.flags), platform.machine(), " ".join(sorted(cpu_flags())))
         key = hashlib.sha256(b"\0".join(p.encode() if isinstance(p, str) else p for p in parts)).hexdigest()
-        name = f"{Path(self.source).stem}-{key[:16]}.so"
-        cached = cache_folder() / NATIVE_FOLDER / name
+        cached = cache_folder() / NATIVE_FOLDER / f"{Path(self.source).stem}-{key[:16]}.so"
+        build = lambda output: compile_c(compiler, self.flags, SOURCES / self.source, output)  # noqa: E731
+        distrust = untrusted(cached)
+        if distrust:
+            log.warning("not loading the cached CPU kernel %s: %s; building a private copy for this run", cached,
+                        distrust)
+            return private_build(cached.name, build)
         if cached.is_file():
-            return cached
+            if verified(cached):
+                return ctypes.CDLL(str(cached))
+            log.warning("the cached CPU kernel %s does not match the digest recorded when it was built (truncated or "
+                        "changed); rebuilding it", cached)
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_with(cached, lambda tmp: compile_c(compiler, self.flags, SOURCES / self.source, tmp))
-            return cached
+            cached.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write_with(cached, build)
+            os.chmod(cached, 0o755)  # whatever the umask: a group-writable build would be refused next time
+            atomic_write(digest_file(cached), file_digest(cached) + "\n")
+            os.chmod(digest_file(cached), 0o644)
         except OSError:  # an unwritable cache (read-only, full): build for this process only
-            private = Path(tempfile.mkdtemp(prefix="isoconv-kernels-")) / name
-            compile_c(compiler, self.flags, SOURCES / self.source, private)
-            return private
+            return private_build(cached.name, build)
+        return ctypes.CDLL(str(cached))
+
+
+def digest_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else \
+            hashlib.sha256(f.read()).hexdigest()
+
+
+def verified(library: Path) -> bool:
+    """Whether `library` matches the digest recorded when it was built (False when none was recorded)."""
+    try:
+        return digest_file(library).read_text().strip() == file_digest(library)
+    except OSError:
+        return False
+
+
+def untrusted(library: Path) -> Optional[str]:
+    """Why `library` (when it exists), its digest file and its folder (when they exist) cannot be trusted to run:
+    not owned by the current user, writable by group or others, or not a plain file/folder; None when they can."""
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owners and modes to check
+        return None
+    for path, kind in ((library.parent, stat.S_ISDIR), (library, stat.S_ISREG), (digest_file(library), stat.S_ISREG)):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not kind(st.st_mode):
+            return (f"{path} is not a plain {'folder' if kind is stat.S_ISDIR else 'file'} (remove it, or point "
+                    f"${CACHE_ENV} at a folder of your own)")
+        if st.st_uid != os.getuid():
+            return (f"{path} belongs to user id {st.st_uid}, not to you ({os.getuid()}) (point ${CACHE_ENV} at a "
+                    f"folder of your own)")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return (f"{path} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} (run "
+                    f"`chmod go-w {path}` to use the cache)")
+    return None
+
+
+def private_build(name: str, build: Callable[[Path], None]) -> ctypes.CDLL:
+    """`build` into a temporary folder, loaded, then the folder removed (a loaded library needs no file)."""
+    folder = Path(tempfile.mkdtemp(prefix="isoconv-kernels-"))
+    try:
+        build(folder / name)
+        return ctypes.CDLL(str(folder / name))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def c_compiler() -> Optional[str]:

@@ -104,12 +104,43 @@ def declare_param_grads(lib: ctypes.CDLL) -> None:
 native = NativeLibrary("depthwise_grad.c", declare_param_grads)
 
 
+def check_param_grad_inputs(grad_out: Tensor, x: Tensor, kh: int, kw: int, pad: Sequence[int]) -> None:
+    """What the weight gradient needs of its inputs (the C kernel reads memory by them): x (N, C, H, W) and grad_out
+    of x's dtype and device and of the shape a stride-1 convolution with a (kh, kw) kernel and (top, bottom, left,
+    right) zero padding `pad` gives."""
+    if x.ndim != 4 or grad_out.ndim != 4:
+        raise ValueError(f"depthwise_param_grads needs 4-d grad_out and x (N, C, H, W), got {tuple(grad_out.shape)} "
+                         f"and {tuple(x.shape)}")
+    if len(pad) != 4 or min(pad) < 0 or kh < 1 or kw < 1:
+        raise ValueError(f"depthwise_param_grads needs a kernel of at least 1x1 and 4 non-negative paddings, got "
+                         f"{kh}x{kw} and {list(pad)}")
+    if grad_out.dtype != x.dtype or grad_out.device != x.device:
+        raise TypeError(f"depthwise_param_grads needs grad_out of x's dtype and device, got {grad_out.dtype} on "
+                        f"{grad_out.device} and {x.dtype} on {x.device}")
+    n, c, h, w = x.shape
+    expected = (n, c, h + pad[0] + pad[1] - kh + 1, w + pad[2] + pad[3] - kw + 1)
+    if tuple(grad_out.shape) != expected:
+        raise ValueError(f"depthwise_param_grads needs grad_out of shape {expected} for x {tuple(x.shape)}, a "
+                         f"{kh}x{kw} kernel and padding {list(pad)}; got {tuple(grad_out.shape)}")
+
+
+def check_native_layout(**tensors: Tensor) -> None:
+    """The C kernels read CPU tensors as dense channels-last fp32 or bf16, and nothing else."""
+    for name, t in tensors.items():
+        if t.device.type != "cpu" or t.dtype not in FAST_DTYPES or not t.is_contiguous(
+                memory_format=torch.channels_last):
+            raise ValueError(f"the C kernel needs {name} as a channels-last contiguous fp32 or bf16 CPU tensor, got "
+                             f"{t.dtype} on {t.device} with strides {t.stride()} for shape {tuple(t.shape)}")
+
+
 def param_grads_native(grad_out: Tensor, x: Tensor, kh: int, kw: int, pad: Sequence[int]) -> tuple[Tensor, Tensor]:
     """(weight, bias) gradients from the C kernel in fp32, for channels-last fp32 or bf16 inputs; aten's (in x's
     dtype) when the kernel cannot be built."""
+    check_param_grad_inputs(grad_out, x, kh, kw, pad)
     lib = native.load()
     if lib is None:
         return param_grads_aten(grad_out, x, kh, kw, pad)
+    check_native_layout(grad_out=grad_out, x=x)
     n, c, h, w = x.shape
     ho, wo = grad_out.shape[-2:]
     grad_w = torch.zeros((c, kh * kw), dtype=torch.float32)
@@ -127,7 +158,9 @@ def param_grads_native(grad_out: Tensor, x: Tensor, kh: int, kw: int, pad: Seque
 @torch.library.custom_op("isoconv::depthwise_param_grads", mutates_args=())
 def depthwise_param_grads(grad_out: Tensor, x: Tensor, kh: int, kw: int, pad: list[int]) -> tuple[Tensor, Tensor]:
     """Weight (C, 1, kh, kw) and bias (C,) gradients of a stride-1 depthwise convolution, in x's dtype; summed
-    in fp32 (float64 for float64, which runs the sums eagerly: it is for checking, not for speed)."""
+    in fp32 (float64 for float64, which runs the sums eagerly: it is for checking, not for speed). Inputs of any
+    memory layout; mismatched dtypes or shapes raise (`check_param_grad_inputs`)."""
+    check_param_grad_inputs(grad_out, x, kh, kw, pad)
     if x.dtype == torch.float64:
         return param_grad_sums(grad_out, x, kh, kw, pad)
     if x.device.type != "cpu" or x.dtype not in FAST_DTYPES:

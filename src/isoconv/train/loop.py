@@ -32,7 +32,7 @@ from .schedule import beta1_at, lr_at
 from .setup import Training, build_training
 from .signals import Stopper, interrupted
 from .tensorboard import open_tensorboard
-from .tracking import open_tracker
+from .tracking import check_tracking, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,8 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, stop_after: Option
     Under torchrun every process calls this (DDP); only rank 0 logs and writes files, the others return None.
     """
     ddp.check_batch_divides(cfg.batch_size, ddp.world_from_env().world_size)
+    if cfg.track == "mlflow":
+        check_tracking(cfg.tracking_uri)  # an unreachable server: one line now, not minutes of retries later
     start_state = None
     if resume is not None:
         run = RunDir(resume)

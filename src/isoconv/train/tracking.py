@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
+import urllib.parse
+import urllib.request
 from numbers import Real
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +27,7 @@ EXPERIMENT = "isoconv"
 DEFAULT_FOLDER = Path("mlruns")
 STORE_FILE = "mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
+SERVER_TIMEOUT = 5.0  # seconds a tracking server has to accept a connection at start-up
 
 
 def mlflow_client(uri: str):
@@ -36,19 +41,70 @@ def mlflow_client(uri: str):
 
 
 def resolve_uri(uri: Optional[str]) -> str:
-    """The tracking URI to use: a server or store URI as given; a folder (default `mlruns/`) becomes the SQLite
-    store `FOLDER/mlflow.db`, as an absolute URI so processes started elsewhere (Ray, Slurm) write to the same
-    store. Artifacts of a local store go to FOLDER/artifacts."""
-    if uri and "://" in uri:
+    """The tracking URI to use, for every form MLflow documents. A folder (a bare path, `file:DIR`, `file:/abs` or
+    `file:///abs`; default `mlruns/`) becomes the SQLite store `FOLDER/mlflow.db` (MLflow 3 has no file store to
+    write to), a `sqlite:///` database path an absolute one; both are absolute so that processes started
+    elsewhere (Ray, Slurm) write to the same store. Artifacts of a local store go beside the database
+    (FOLDER/artifacts). Servers (`http(s)://`) and other stores (`postgresql://`, `databricks`, ...) are used as
+    given."""
+    if not uri:
+        return sqlite_uri(DEFAULT_FOLDER / STORE_FILE)
+    if uri in ("databricks", "databricks-uc"):  # MLflow's names for a Databricks workspace's tracking
         return uri
-    folder = Path(uri) if uri else DEFAULT_FOLDER
-    return "sqlite:///" + (folder.expanduser().resolve() / STORE_FILE).as_posix()
+    scheme = urllib.parse.urlsplit(uri).scheme.lower() if ":" in uri else ""
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+            raise UserError(f"--tracking-uri {uri} names no database file; pass sqlite:///FILE.db (relative) or "
+                            f"sqlite:////ABSOLUTE/FILE.db")
+        return sqlite_uri(Path(uri[len("sqlite:///"):]))
+    if scheme == "file":
+        parts = urllib.parse.urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise UserError(f"--tracking-uri {uri} names a folder on another host ({parts.netloc}); pass a local "
+                            f"folder, or the URL of an MLflow server (http://HOST:PORT)")
+        return sqlite_uri(Path(urllib.parse.unquote(parts.path)) / STORE_FILE)
+    if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive: a folder
+        return uri
+    return sqlite_uri(Path(uri) / STORE_FILE)
+
+
+def sqlite_uri(db: Path) -> str:
+    return "sqlite:///" + db.expanduser().resolve().as_posix()
+
+
+def check_tracking(uri: Optional[str]) -> str:
+    """The resolved tracking URI (`resolve_uri`), checked before anything trains: a local store's folder is
+    creatable, and an http(s) server answers a TCP connection within SERVER_TIMEOUT seconds (MLflow itself retries
+    for minutes, then prints a long traceback)."""
+    resolved = resolve_uri(uri)
+    parts = urllib.parse.urlsplit(resolved)
+    if parts.scheme == "sqlite":
+        folder = Path(resolved[len("sqlite:///"):]).parent
+        existing = next((f for f in [folder, *folder.parents] if f.exists()), folder)
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"--tracking-uri {uri or DEFAULT_FOLDER}: cannot write the store's folder {folder} "
+                            f"({existing} is not a writable folder); pass a folder you can write")
+    elif parts.scheme in ("http", "https") and not proxied(parts):
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=SERVER_TIMEOUT).close()
+        except (OSError, ValueError) as e:
+            reason = "no answer" if isinstance(e, socket.timeout) else (getattr(e, "strerror", None) or str(e))
+            raise UserError(f"--tracking-uri {uri}: cannot reach the MLflow tracking server at {host}:{port} within "
+                            f"{SERVER_TIMEOUT:g} s ({reason}); start it (`mlflow server`), or pass a folder to track "
+                            f"locally") from None
+    return resolved
+
+
+def proxied(parts: urllib.parse.SplitResult) -> bool:
+    """Whether requests to this URL go through a proxy (then the proxy, not this machine, reaches the server)."""
+    return bool(urllib.request.getproxies().get(parts.scheme)) and not urllib.request.proxy_bypass(parts.netloc)
 
 
 def local_artifact_root(uri: str) -> Optional[str]:
     """Where a local SQLite store (made by resolve_uri) keeps artifacts: beside the database, not in the cwd."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///"):]).expanduser().resolve()
         return (db.parent / "artifacts").as_uri()
     return None
 
@@ -117,7 +173,7 @@ class MlflowTracker:
     """Logs each metrics row at step = epoch (a resumed run continues the same MLflow run)."""
 
     def __init__(self, cfg: TrainConfig, run: RunDir):
-        uri = resolve_uri(cfg.tracking_uri)
+        uri = check_tracking(cfg.tracking_uri)
         self.client, self.run_id = open_run(run, uri, run.path.name, cfg.to_dict(),
                                             tags={"isoconv.run_dir": str(run.path.resolve())})
 
