@@ -76,4 +76,4 @@ def eval_precision(amp: str, device: torch.device, run_dir: Path) -> str:
 def training_facts(run_dir: Path) -> dict[str, Any]:
     """What the run's own summary says about training (None when the run has no summary)."""
     summary = RunDir(run_dir).read_summary() or {}
-    return {k: summary.get(k) for k in ("compile_seconds", "skipped_steps")}
+    return {k: summary.get(k) for k in ("compile_seconds", "skipped_steps", "scheduled_evals")}
