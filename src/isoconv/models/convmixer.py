@@ -178,10 +178,10 @@ class ConvMixer(nn.Module):
             activation=activation,
             skip_period=skip_period,
             image_size=image_size,
-            init=init,
-            bn_eps=float(bn_eps),
-            bn_momentum=float(bn_momentum),
         )
+        # the init and BatchNorm settings only where they are not the defaults (timm's and PyTorch's)
+        self.config.update({k: v for k, v, default in (("init", init, "torch"), ("bn_eps", float(bn_eps), 1e-5),
+                                                       ("bn_momentum", float(bn_momentum), 0.1)) if v != default})
         self.num_classes = num_classes
         self.num_features = dim
         self.skip_period = skip_period
@@ -229,7 +229,7 @@ class ConvMixer(nn.Module):
         self.num_classes = int(num_classes)
         self.config["num_classes"] = self.num_classes
         self.head = nn.Linear(self.num_features, self.num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if num_classes > 0 and self.config["init"] != "torch":
+        if num_classes > 0 and self.config.get("init", "torch") != "torch":
             init_weights(self.head, self.config["init"])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -186,7 +186,7 @@ class ConvNeXt(nn.Module):
             image_size=image_size,
             activation=activation,
             drop_path_mode=drop_path_mode,
-            init=init,
+            **({} if init == "trunc-normal" else {"init": init}),  # recorded where it is not the default
         )
         self.num_classes = num_classes
         self.num_features = dims[-1]
@@ -238,9 +238,10 @@ class ConvNeXt(nn.Module):
         self.config["num_classes"] = self.num_classes
         if num_classes > 0:
             head = nn.Linear(self.num_features, self.num_classes, device=device)
-            if self.config["init"] == "trunc-normal":
+            init = self.config.get("init", "trunc-normal")
+            if init == "trunc-normal":
                 self._init_weights(head)
-            elif self.config["init"] == "glorot":
+            elif init == "glorot":
                 init_weights(head, "glorot")
             self.head = head
         else:
