@@ -21,6 +21,7 @@ from isoconv.data import normalization
 from isoconv.data.dataset import ImageDataset
 from isoconv.data.provenance import comparable
 from isoconv.experiments.published import figure_note
+from isoconv.experiments.results import RunResult, VariantResult
 from isoconv.models import create_model
 from isoconv.train import train
 from isoconv.train.loop import on_eval_schedule, scheduled_evals
@@ -308,6 +309,19 @@ def test_recipes_name_the_figure_their_seed_published():
     assert figure_note(recipe("tf-rep-final-d4")["published"]) == ""  # only the paper's figure: not an evaluation
     with pytest.raises(Exception, match="published.figure must be one of final, last-eval"):
         figure_note({"test_top1": 0.9, "figure": "best"})
+
+
+def test_ours_beside_published_uses_the_evaluation_the_seed_published(tmp_path):
+    evals = {"last": {"epoch": 91, "test_top1": 0.88, "test_top5": 0.99},
+             "best": {"epoch": 71, "test_top1": 0.9, "test_top5": 0.99}}
+    summary = {"test_top1": 0.95, "test_top5": 1.0, "scheduled_evals": evals}
+    run = RunResult(0, 0, tmp_path, "done", summary)
+    convnext = VariantResult("c", "c", {"published": recipe("convnext-cifar")["published"]}, {}, runs=[run])
+    assert convnext.figure_values("test_top1") == [0.88] and convnext.values("test_top1") == [0.95]
+    best = VariantResult("b", "b", {"published": {"test_top1": 0.9, "figure": "best-eval"}}, {}, runs=[run])
+    assert best.figure_values("test_top1") == [0.9]
+    xl = VariantResult("x", "x", {"published": recipe("cm-xl")["published"]}, {}, runs=[run])
+    assert xl.figure_values("test_top1") == [0.95]
 
 
 # -------------------------------------------------------------------------------------------- text and specs
