@@ -349,3 +349,12 @@ def test_fig4b_recipe_and_fig5_spec():
     assert fig4b.rotate > 0 and fig4b.zoom > 0 and fig4b.shift > 0 and fig4b.ra_n == 0  # the generator, no RA
     spec = yaml.safe_load((PKG / "ablations" / "tf-rep-final.yaml").read_text())
     assert [v["recipe"] for v in spec["variants"]] == ["tf-rep-final-d4", "tf-rep-final-d8", "tf-rep-final-d12"]
+
+
+def test_fig4b_recipe_trains_one_short_epoch(data_root, tmp_path):
+    """As tests/test_seed_recipes.py does for the other seed recipes: every setting the recipe's, one block, a few
+    real images."""
+    cfg = build_config("tf-rep-onecycle-fig4b", epochs=1, depth=1, dim=16, train_subset=16, test_subset=16,
+                       batch_size=8, data_dir=str(data_root), out=str(tmp_path / "run"), device="cpu", amp="off")
+    summary = train(cfg)
+    assert summary["epochs"] == 1 and summary["test_images"] == 16 and 0.0 <= summary["test_top1"] <= 1.0
