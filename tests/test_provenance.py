@@ -170,7 +170,9 @@ def test_comparable_needs_official_data_and_the_published_split():
     good = {"dataset": "cifar10", "official": True, "mismatch": [], "missing": [], "checked": CIFAR10_FILES}
     bad = {**good, "official": False, "mismatch": ["data_batch_1"]}
     assert comparable(good, "full", None, 10000, "full") == (True, "")
-    assert comparable(good, "half", None, 10000, "xl-half") == (True, "")
+    assert comparable(good, "xl-half", None, 10000, "xl-half") == (True, "")
+    ok, why = comparable(good, "half", None, 10000, "xl-half")  # isoconv's own half is not the study's
+    assert not ok and why == "evaluated on the fixed half of the test split, published on the XL study's half"
     ok, why = comparable(good, "full", None, 10000, "xl-half")
     assert not ok and why == "evaluated on full test split, published on the XL study's half"
     ok, why = comparable(good, "full", 1000, 10000, "full")
@@ -230,17 +232,18 @@ def variant(tmp_path: Path, name: str, verdict, split: str, recipe: str = "cm-xl
 def test_published_rows_say_whether_they_compare(official, tmp_path):
     good = verify_data("cifar10", official.parent)
     bad = {**good, "official": False, "mismatch": ["data_batch_1"]}
-    rows = [variant(tmp_path, "ok", good, "half"), variant(tmp_path, "jpeg", bad, "half"),
-            variant(tmp_path, "split", good, "full"), variant(tmp_path, "old", None, "half"),
+    rows = [variant(tmp_path, "ok", good, "xl-half"), variant(tmp_path, "jpeg", bad, "xl-half"),
+            variant(tmp_path, "split", good, "full"), variant(tmp_path, "old", None, "xl-half"), variant(tmp_path, "own-half", good, "half"),
             variant(tmp_path, "ref25", good, "full", recipe="convmixer-cifar10-25ep")]
     assert [comparable_cell(v) for v in rows] == [
         "yes", "no: data differs from the official release",
         "no: evaluated on full test split, published on the XL study's half",
-        "no: data provenance not recorded", "yes"]
+        "no: data provenance not recorded",
+        "no: evaluated on the fixed half of the test split, published on the XL study's half", "yes"]
     table = table_markdown(rows)
     assert "| comparable? |" in table.splitlines()[0]
     assert "| 94.52 | yes |" in table and "| 94.52 | no: data differs from the official release |" in table
 
     lines = "\n".join(setup_lines({"commands": ["isoconv ablate x"], "baseline": "ok"}, rows[:2]))
     assert f"- **data**: {MATCH}; {DIFFERS}" in lines
-    assert "the fixed half of the test split (5,000 of 10,000)" in lines
+    assert "the XL study's half (5,000 of 10,000)" in lines

@@ -27,7 +27,7 @@ from .errors import Interrupted, UserError
 from .fileio import atomic_write, describe_file
 from .eval.run import evaluate_target
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
-from .experiments.published import figures_text
+from .experiments.published import figure_note, figures_text
 from .experiments.tracking import publish_tracked
 from .fileio import DISK_FULL, folders_to_create, remove_empty_folders
 from .interop.export import FORMATS, MATCH_TOLERANCE, export_target
@@ -241,12 +241,14 @@ def cmd_zoo(args) -> int:
 
 def cmd_recipes(args) -> int:
     """One line per shipped recipe; `published` is the seed's own figure as it gives it (`~`: about, `>`: more than;
-    `paper`: the original paper's figure the seed compared itself with), not ours."""
-    print(f"{'name':<28} {'model':<24} {'epochs':>6}  {'published':<34} description")
+    `paper`: the original paper's figure the seed compared itself with), not ours, and which evaluation it is
+    (final weights, last or best scheduled evaluation)."""
+    print(f"{'name':<28} {'model':<24} {'epochs':>6}  {'published':<54} description")
     for name in list_recipes():
         r = load_recipe(name)
         published = figures_text(r.get("published")) or ("— (no number published)" if r.get("published") else "—")
-        print(f"{name:<28} {r.get('model', 'cm-vanilla'):<24} {r.get('epochs', 25):>6}  {published:<34} "
+        published = " ".join(filter(None, [published, figure_note(r.get("published"))]))
+        print(f"{name:<28} {r.get('model', 'cm-vanilla'):<24} {r.get('epochs', 25):>6}  {published:<54} "
               f"{' '.join(str(r.get('description', '')).split())}")
     return 0
 

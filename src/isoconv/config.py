@@ -30,6 +30,9 @@ TEST_SPLIT_CHOICES = ("full", "half", "xl-half")
 ERASE_MODES = ("const", "pixel")
 MIX_MODES = ("batch", "elem")
 INTERPOLATIONS = ("nearest", "bilinear")
+FILL_MODES = ("constant", "nearest", "reflect")
+ZOOM_MODES = ("image", "region", "region-xy")
+INIT_CHOICES = ("trunc-normal", "torch", "glorot")
 ACTIVATION_CHOICES = ("gelu", "relu", "silu", "leaky_relu")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 TRACK_CHOICES = ("mlflow",)
@@ -81,6 +84,15 @@ class TrainConfig:
     head_dropout: Optional[float] = setting(help="dropout on the pooled features before the classifier (ConvMixer)",
                                             role="model", least=0, most=0.99,
                                             model_kwarg="drop_rate")
+    init: Optional[str] = setting(help="weight init of convolutions and linear layers: trunc-normal(std 0.02) with zero "
+                                  "bias, PyTorch's default, or Glorot-uniform with zero bias (Keras); default: the "
+                                  "preset's (ConvNeXt trunc-normal, ConvMixer PyTorch's)", role="model",
+                                  choices=INIT_CHOICES, model_kwarg="init")
+    bn_eps: Optional[float] = setting(help="BatchNorm epsilon (PyTorch 1e-5, Keras 1e-3); default: the preset's",
+                                      role="model", above=0, most=1, model_kwarg="bn_eps")
+    bn_momentum: Optional[float] = setting(help="BatchNorm running-statistics momentum, PyTorch's convention "
+                                           "(0.1; Keras momentum 0.99 is 0.01 here); default: the preset's",
+                                           role="model", above=0, most=1, model_kwarg="bn_momentum")
     # data
     dataset: str = setting("cifar10", role="data", choices=DATASET_CHOICES)
     data_dir: Optional[str] = setting(
@@ -101,6 +113,8 @@ class TrainConfig:
     pad_to: Optional[int] = setting(help="zero-pad every image (train and test) to this side, centred: what "
                                     "simple-convnext's CenterCrop(64) does to 32x32 CIFAR images", role="data",
                                     above=0)
+    normalize: bool = setting(True, "feed raw [0, 1] pixels instead of normalizing with the training set's mean "
+                              "and std (the simple-convnext seed did not normalize)", role="data", flag=None)
     test_split: str = setting("full", "full test set, a fixed 5k half, or the ConvMixer-XL study's own 5k half",
                               role="data", choices=TEST_SPLIT_CHOICES)
     # optimisation
@@ -146,6 +160,15 @@ class TrainConfig:
                                  least=0, most=255)
     affine_interpolation: str = setting("nearest", "how rotation/zoom/shift sample pixels", role="augmentation",
                                         choices=INTERPOLATIONS)
+    affine_fill_mode: str = setting("constant", "what rotation/zoom/shift put where they uncover the image: "
+                                    "--affine-fill (torchvision), the nearest edge pixel or the reflection about the "
+                                    "edge (Keras' fill modes)", role="augmentation", choices=FILL_MODES)
+    zoom_mode: str = setting("image", "--zoom scales the image by U[1-Z, 1+Z] (torchvision RandomAffine), or the "
+                             "sampled region (Keras: image scale 1/U[1-Z, 1+Z]), the same on both axes (RandomZoom) "
+                             "or independently in x and y (ImageDataGenerator)", role="augmentation",
+                             choices=ZOOM_MODES)
+    fractional_shift: bool = setting(False, "--shift by fractions of a pixel (Keras) instead of whole pixels "
+                                     "(torchvision)", role="augmentation")
     ra_n: int = setting(1, "RandAugment ops per image (0 = off)", role="augmentation", least=0)
     ra_m: int = setting(8, "RandAugment magnitude, 0..30", role="augmentation", least=0, most=30)
     jitter: float = setting(0.1, "ColorJitter brightness/contrast/saturation", role="augmentation", least=0)
@@ -177,6 +200,10 @@ class TrainConfig:
     seed: int = setting(0, role="engine")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", role="runtime")
     eval_every: int = setting(1, "evaluate every N epochs (always after the last)", role="engine", above=0)
+    eval_start: Optional[int] = setting(help="first epoch evaluated on the --eval-every schedule (default N); the "
+                                        "summary gives the best and the last scheduled evaluation besides the "
+                                        "final weights' (simple-convnext evaluated after epochs 1, 11, ..., 91)",
+                                        role="engine", above=0)
     ckpt_every_steps: int = setting(0, "also checkpoint every N steps inside an epoch (0 = only at epoch ends)",
                                     role="runtime", least=0)
     keep_every: int = setting(0, "also keep the checkpoint of every N-th epoch as RUN/epoch-NNN.pt (0 = only the "

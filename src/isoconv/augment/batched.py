@@ -50,8 +50,12 @@ Fidelity to torchvision (uint8 CHW tensors, transforms.v2), measured by ``tests/
   equals ``F.affine(img, angle, [tx, ty], scale, [0, 0], interpolation, fill)`` up to float
   rounding of the matrix: nearest -- identical except (rarely) a pixel whose source lies exactly
   on a rounding boundary (checked: >= 99.9% of pixels equal); bilinear -- max abs diff <= 1 gray
-  level.  The Keras seeds' RandomRotation/RandomZoom/ImageDataGenerator differ in details (fill
-  mode "reflect"/"nearest" by default, independent x/y zoom); isoconv follows torchvision.
+  level.  Keras options (the Keras seeds' RandomRotation/RandomZoom/ImageDataGenerator): ``affine_fill_mode``
+  "nearest"/"reflect" (grid_sample padding "border"/"reflection", equal to scipy.ndimage's modes at order 1),
+  ``zoom_mode`` "region" (the factor scales the sampled region, so the image by 1/z) or "region-xy" (independent
+  x/y factors, ImageDataGenerator), ``fractional_shift`` (shifts not rounded).  The region modes compose as
+  ImageDataGenerator does (input = R (Z o + t) about the centre); checked against torchvision (isotropic) and
+  scipy.ndimage.affine_transform (independent x/y, fill modes), max abs diff <= 1 gray level.
 * Pixel-mode erasing (timm ``RandomErasing(mode="pixel")``): the box is filled with per-pixel,
   per-channel N(0, 1) noise in normalized space.  timm's aspect range is (0.3, 1/0.3) where
   torchvision's (used here) is (0.3, 3.3); with ``erase_after_mix`` the stage is left to the caller
@@ -94,10 +98,14 @@ __all__ = [
     "erase_pixels",
     "ERASE_MODES",
     "AFFINE_INTERPOLATIONS",
+    "FILL_MODES",
+    "ZOOM_MODES",
 ]
 
 ERASE_MODES = ("const", "pixel")
 AFFINE_INTERPOLATIONS = ("nearest", "bilinear")
+FILL_MODES = ("constant", "nearest", "reflect")
+ZOOM_MODES = ("image", "region", "region-xy")
 
 # Same order as torchvision.transforms.v2.RandAugment._AUGMENTATION_SPACE.
 RA_OPS: tuple[str, ...] = (
@@ -548,17 +556,25 @@ def erase_pixels(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, app
 # --------------------------------------------------------------------------------------------
 
 def sample_affine_params(batch: int, height: int, width: int, rotate: float, shift: float, zoom: float,
-                         generator: torch.Generator, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         generator: torch.Generator, device, *, fractional_shift: bool = False,
+                         zoom_xy: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-image torchvision v2 ``RandomAffine(degrees=rotate, translate=(shift, shift), scale=(1-zoom, 1+zoom))``
     parameters: angle (degrees) ~ U[-rotate, rotate]; integer shifts tx = round(U[-shift*W, shift*W]),
     ty likewise with H (round half to even, like Python's ``round``); scale ~ U[1-zoom, 1+zoom].
-    Returns float32 angle, int64 tx, int64 ty, float32 scale, each ``(batch,)``."""
+    Returns float32 angle, int64 tx, int64 ty, float32 scale, each ``(batch,)``.
+
+    ``fractional_shift``: tx, ty stay float32 fractions of a pixel (Keras ImageDataGenerator). ``zoom_xy``: scale
+    is ``(batch, 2)``, independent factors for x and y (ImageDataGenerator's zoom_range), drawn after the rest."""
     u = _rand((batch, 4), generator, device)
     angle = (2.0 * u[:, 0] - 1.0) * rotate
     max_dx, max_dy = float(shift * width), float(shift * height)
-    tx = torch.round((2.0 * u[:, 1] - 1.0) * max_dx).long()
-    ty = torch.round((2.0 * u[:, 2] - 1.0) * max_dy).long()
+    tx = (2.0 * u[:, 1] - 1.0) * max_dx
+    ty = (2.0 * u[:, 2] - 1.0) * max_dy
+    if not fractional_shift:
+        tx, ty = torch.round(tx).long(), torch.round(ty).long()
     scale = (1.0 - zoom) + 2.0 * zoom * u[:, 3]
+    if zoom_xy:
+        scale = torch.stack([scale, (1.0 - zoom) + 2.0 * zoom * _rand((batch,), generator, device)], dim=1)
     return angle, tx, ty, scale
 
 
@@ -575,22 +591,52 @@ def _inverse_affine_theta(angle: Tensor, tx: Tensor, ty: Tensor, scale: Tensor) 
     return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).to(torch.float32).view(-1, 2, 3)
 
 
+def _region_affine_theta(angle: Tensor, tx: Tensor, ty: Tensor, zoom: Tensor) -> Tensor:
+    """``(B, 2, 3)`` float32 inverse matrices in Keras' form (ImageDataGenerator's ``rotation @ shift @ zoom`` about
+    the image centre): input = R (Z o + t), with R torchvision's inverse rotation and Z = diag(zx, zy) scaling the
+    sampled region. With zx = zy = z this is torchvision's matrix for scale 1/z and translate -t/z."""
+    rot = torch.deg2rad(angle.double())
+    zoom = zoom.double()
+    zx, zy = (zoom[:, 0], zoom[:, 1]) if zoom.ndim == 2 else (zoom, zoom)
+    cos, sin = torch.cos(rot), torch.sin(rot)
+    txd, tyd = tx.double(), ty.double()
+    rows = [cos * zx, sin * zy, cos * txd + sin * tyd, -sin * zx, cos * zy, -sin * txd + cos * tyd]
+    return torch.stack(rows, dim=1).to(torch.float32).view(-1, 2, 3)
+
+
+PADDING_MODES = {"constant": "zeros", "nearest": "border", "reflect": "reflection"}
+
+
 def affine_warp(images: Tensor, angle: Tensor, tx: Tensor, ty: Tensor, scale: Tensor, fill: float = 0.0,
-                interpolation: str = "nearest") -> Tensor:
+                interpolation: str = "nearest", fill_mode: str = "constant", zoom_mode: str = "image") -> Tensor:
     """Batched per-image ``F.affine(img, angle, [tx, ty], scale, [0, 0], interpolation, fill)`` on uint8
     ``(B, C, H, W)`` images: torchvision's sampling grid per image, one ``grid_sample``, its fill-mask blend and
-    rounding.  Returns uint8."""
+    rounding.  Returns uint8.
+
+    ``zoom_mode`` "region"/"region-xy": ``scale`` (``(B,)`` or ``(B, 2)``) scales the sampled region, Keras' way
+    (`_region_affine_theta`). ``fill_mode``: "constant" fills uncovered pixels with ``fill``; "nearest" repeats the
+    edge pixel and "reflect" mirrors about the image edge (d c b a | a b c d), Keras' and scipy.ndimage's modes
+    (``grid_sample`` padding "border" and "reflection")."""
     if interpolation not in AFFINE_INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {AFFINE_INTERPOLATIONS}, got {interpolation!r}")
+    if fill_mode not in FILL_MODES:
+        raise ValueError(f"fill_mode must be one of {FILL_MODES}, got {fill_mode!r}")
+    if zoom_mode not in ZOOM_MODES:
+        raise ValueError(f"zoom_mode must be one of {ZOOM_MODES}, got {zoom_mode!r}")
     B, C, H, W = images.shape
     dev = images.device
-    theta = _inverse_affine_theta(angle, tx, ty, scale).to(dev)
+    theta = (_inverse_affine_theta(angle, tx, ty, scale) if zoom_mode == "image"
+             else _region_affine_theta(angle, tx, ty, scale)).to(dev)
     base = torch.empty(1, H, W, 3, dtype=torch.float32, device=dev)
     base[..., 0].copy_(torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, steps=W, device=dev))
     base[..., 1].copy_(torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=dev).unsqueeze_(-1))
     base[..., 2].fill_(1)
     rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * W, 0.5 * H], dtype=torch.float32, device=dev))
     grid = base.view(1, H * W, 3).expand(B, -1, -1).bmm(rescaled).view(B, H, W, 2)
+    if fill_mode != "constant":
+        x = torch.nn.functional.grid_sample(images.to(torch.float32), grid, mode=interpolation,
+                                            padding_mode=PADDING_MODES[fill_mode], align_corners=False)
+        return x.round_().to(images.dtype)
     x = torch.cat([images.to(torch.float32), torch.ones((B, 1, H, W), dtype=torch.float32, device=dev)], dim=1)
     x = torch.nn.functional.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
     x, mask = x[:, :C], x[:, C:].expand(B, C, H, W)
@@ -639,6 +685,9 @@ class BatchAugment:
         shift: float = 0.0,
         affine_fill: float = 0.0,
         affine_interpolation: str = "nearest",
+        affine_fill_mode: str = "constant",
+        zoom_mode: str = "image",
+        fractional_shift: bool = False,
         erase_mode: str = "const",
         erase_max_area: float = 0.33,
         erase_after_mix: bool = False,
@@ -685,6 +734,10 @@ class BatchAugment:
             raise ValueError(f"affine_fill must be a gray level in [0, 255], got {affine_fill}")
         if affine_interpolation not in AFFINE_INTERPOLATIONS:
             raise ValueError(f"affine_interpolation must be one of {AFFINE_INTERPOLATIONS}, got {affine_interpolation!r}")
+        if affine_fill_mode not in FILL_MODES:
+            raise ValueError(f"affine_fill_mode must be one of {FILL_MODES}, got {affine_fill_mode!r}")
+        if zoom_mode not in ZOOM_MODES:
+            raise ValueError(f"zoom_mode must be one of {ZOOM_MODES}, got {zoom_mode!r}")
         if erase_mode not in ERASE_MODES:
             raise ValueError(f"erase_mode must be one of {ERASE_MODES}, got {erase_mode!r}")
         if not 0.02 < erase_max_area < 1.0:
@@ -695,6 +748,9 @@ class BatchAugment:
         self.shift = float(shift)
         self.affine_fill = float(affine_fill)
         self.affine_interpolation = affine_interpolation
+        self.affine_fill_mode = affine_fill_mode
+        self.zoom_mode = zoom_mode
+        self.fractional_shift = bool(fractional_shift)
         self.erase_mode = erase_mode
         self.erase_max_area = float(erase_max_area)
         self.erase_after_mix = bool(erase_after_mix)
@@ -758,9 +814,12 @@ class BatchAugment:
             x = _select(x, x.flip(-2), vflip)
         # RandomAffine (rotate / shift / zoom)
         if self.rotate > 0 or self.shift > 0 or self.zoom > 0:
-            affine = sample_affine_params(B, S, S, self.rotate, self.shift, self.zoom, generator, dev)
+            affine = sample_affine_params(B, S, S, self.rotate, self.shift, self.zoom, generator, dev,
+                                          fractional_shift=self.fractional_shift,
+                                          zoom_xy=self.zoom_mode == "region-xy")
             params["affine"] = affine
-            x = affine_warp(x, *affine, fill=self.affine_fill, interpolation=self.affine_interpolation)
+            x = affine_warp(x, *affine, fill=self.affine_fill, interpolation=self.affine_interpolation,
+                            fill_mode=self.affine_fill_mode, zoom_mode=self.zoom_mode)
         # RandAugment
         if self.ra_n > 0:
             all_ops, all_neg = [], []

@@ -12,7 +12,7 @@ from .cifar import (
 from .cifar100 import CIFAR100_MD5, CIFAR100_URL, download_cifar100, load_cifar100
 from .dataset import ImageDataset
 from .folder import load_folder
-from .load import DATASETS, SPLITS, canonical_name, load_data, load_dataset
+from .load import DATASETS, SPLITS, canonical_name, load_data, load_dataset, normalization
 from .root import resolve_data_root
 from .splits import (
     HALF_SPLIT_SEED,
@@ -52,6 +52,7 @@ __all__ = [
     "load_cifar100",
     "load_data",
     "load_dataset",
+    "normalization",
     "load_folder",
     "load_pickle",
     "load_tiny_imagenet",

@@ -19,6 +19,7 @@ from .splits import Stats, select_test_split
 from .tinyimagenet import TINY_IMAGENET_FOLDER, load_tiny_imagenet
 
 DATASETS = DATASET_CHOICES
+RAW_PIXELS = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # (mean, std) that leave pixels in [0, 1]: --no-normalize
 SPLITS = ("train", "test")
 
 
@@ -68,6 +69,12 @@ def load_dataset(name: str, root: Union[str, Path], split: str, download: bool =
                                           skip_bad_images=skip_bad_images, norm=norm))
 
 
+def normalization(ds: ImageDataset, cfg: TrainConfig) -> ImageDataset:
+    """ds with the statistics cfg normalizes by: its own, or mean 0 / std 1 (raw [0, 1] pixels) for
+    --no-normalize."""
+    return ds if cfg.normalize else replace(ds, mean=RAW_PIXELS[0], std=RAW_PIXELS[1])
+
+
 def interleave_classes(ds: ImageDataset) -> ImageDataset:
     """Reorder a class-by-class split round-robin over classes (1st image of every class, then the 2nd, ...),
     so `--train-subset N` / `--test-subset N` take about N / classes images of every class, as the first N
@@ -93,6 +100,8 @@ def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm: 
     The training set moves to the device only for the device loader; the torchvision loader reads it on the CPU.
     The test set is normalized with the training split's statistics, or with `norm` = (mean, std) (a trained
     model's) when train=False. --test-split half / xl-half keep a fixed half of it before --test-subset.
+    --no-normalize: the statistics are mean 0, std 1, so every consumer of them (augmentation, evaluation, the
+    checkpoint) feeds raw [0, 1] pixels.
     """
     root = resolve_data_root(cfg.data_dir)
     opts = dict(download=cfg.download, label_type=cfg.label_type, image_size=cfg.image_size,
@@ -101,6 +110,7 @@ def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm: 
     with FailedLoadCleanup(decode_cache(cfg.dataset, root)):  # bad data: no cache of it is left behind
         if train:
             train_ds = load_dataset(cfg.dataset, root, "train", **opts)
+            train_ds = normalization(train_ds, cfg)
             norm = (train_ds.mean, train_ds.std)
             train_ds = train_ds.subset(cfg.train_subset)
         test = load_dataset(cfg.dataset, root, "test", norm=norm, **opts)

@@ -198,7 +198,8 @@ def test_set_description(split: Optional[str], subset: Optional[int], total: Opt
 def comparable(verdict: Optional[Dict[str, Any]], split: Optional[str], subset: Optional[int],
                total: Optional[int], published_split: str) -> Tuple[bool, str]:
     """(True, "") when a run's number compares with a published figure measured on `published_split`, else
-    (False, why not). A published "half" is a random half whose indices were not released: any half matches it."""
+    (False, why not). Only the very split compares: `half` is isoconv's own fixed half, not the XL study's
+    (`xl-half`, its seed-1204 random_split), so a `half` number does not compare with an `xl-half` figure."""
     reasons = []
     if not verdict:
         reasons.append("data provenance not recorded")
@@ -207,8 +208,7 @@ def comparable(verdict: Optional[Dict[str, Any]], split: Optional[str], subset: 
     elif not verdict.get("official"):
         reasons.append("data differs from the official release")
     split = split or "full"
-    halves = ("half", "xl-half")
-    same_split = split == published_split or (split in halves and published_split in halves)
+    same_split = split == published_split
     size = split_size(split, total)
     if not same_split:
         reasons.append(f"evaluated on {test_set_description(split, None, None)}, published on "

@@ -123,4 +123,4 @@ def training_facts(run_dir: Path) -> dict[str, Any]:
     """What the run's own summary says about training (None when the run has no summary)."""
     summary = run_summary(run_dir)
     summary = summary if isinstance(summary, dict) else {}
-    return {k: summary.get(k) for k in ("compile_seconds", "skipped_steps")}
+    return {k: summary.get(k) for k in ("compile_seconds", "skipped_steps", "scheduled_evals")}

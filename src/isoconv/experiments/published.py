@@ -5,8 +5,10 @@ with a marker (`"~0.885"`, `">0.94"`); `%` figures (`"~88.5%"`) are read too. Ta
 and the digits the seed gave (`~88.5`, `>94`, `94.52`); plots use the value.
 
 Keys read (each optional): `test_top1`, `test_top5` (the seed's own result), `paper_top1` (the original paper's
-figure the seed compared itself with) and `params` (a parameter count the seed states, e.g. "22M", shown beside
-the true count).
+figure the seed compared itself with), `params` (a parameter count the seed states, e.g. "22M", shown beside
+the true count) and `figure`: which evaluation the seed's number is (FIGURES: the final weights', the last or
+the best of its fixed-interval evaluations -- a run's summary has both as `scheduled_evals` --, not stated, or
+curves only).
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from ..errors import ConfigError
 FIGURE_KEYS = (("test_top1", "top-1"), ("test_top5", "top-5"), ("paper_top1", "paper top-1"))
 # the metric of our own runs each figure compares with
 OUR_METRIC = {"test_top1": "test_top1", "test_top5": "test_top5", "paper_top1": "test_top1"}
+# `figure:` values: which of a run's evaluations the seed's number corresponds to
+FIGURES = {"final": "final weights", "last-eval": "last scheduled eval", "best-eval": "best scheduled eval",
+           "unstated": "epoch not stated", "curves": "curves only"}
 MARKERS = ("~", "≈", ">=", "<=", "≥", "≤", ">", "<")
 _FIGURE = re.compile(r"^\s*(" + "|".join(re.escape(m) for m in MARKERS) + r")?\s*([0-9]*\.?[0-9]+)\s*(%?)\s*$")
 
@@ -73,6 +78,16 @@ def figures_text(published: Optional[dict], percent_sign: str = "%") -> str:
     figures = published_figures(published)
     return "; ".join(f"{label} {figures[key].percent()}{percent_sign}" for key, label in FIGURE_KEYS
                      if key in figures)
+
+
+def figure_note(published: Optional[dict]) -> str:
+    """`(last scheduled eval)`: which evaluation the seed's own number is, when the block says and holds one."""
+    figure = (published or {}).get("figure")
+    if figure is None or not {"test_top1", "test_top5"} & set(published_figures(published)):
+        return ""  # no number of the seed's own (a paper's figure is not one of its evaluations)
+    if figure not in FIGURES:
+        raise ConfigError(f"published.figure must be one of {', '.join(FIGURES)}, got {figure!r}")
+    return f"({FIGURES[figure]})"
 
 
 def params_note(published: Optional[dict]) -> str:

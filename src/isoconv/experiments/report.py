@@ -138,7 +138,7 @@ def published_groups(variants: list[VariantResult]) -> list[dict]:
             continue
         bars = []
         for metric in dict.fromkeys(OUR_METRIC[k] for k in v.published):
-            mean, std = mean_std(v.values(metric))
+            mean, std = mean_std(v.figure_values(metric))  # the evaluation the seed's figure is
             label = metric.replace("test_", "").replace("top", "top-")
             bars.append({"kind": f"ours {label}", "value": mean, "std": std,
                          "label": pct_pm(mean, std) if mean is not None else ""})

@@ -93,6 +93,15 @@ class VariantResult:
     def values(self, key: str) -> list[float]:
         return [float(r.summary[key]) for r in self.done if r.summary.get(key) is not None]
 
+    def figure_values(self, key: str) -> list[float]:
+        """`key` (test_top1, test_top5) of each finished run from the evaluation the seed's figure is
+        (`published.figure`): the last or best scheduled evaluation (summary `scheduled_evals`), else the final."""
+        which = {"last-eval": "last", "best-eval": "best"}.get((self.config.get("published") or {}).get("figure"))
+        if which is None:
+            return self.values(key)
+        picked = [((r.summary.get("scheduled_evals") or {}).get(which) or {}).get(key) for r in self.done]
+        return [float(x) for x in picked if x is not None]
+
     @property
     def train_seconds(self) -> Optional[float]:
         v = self.values("train_seconds")

@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import ConfigError
 from .act_norm import fused_act_batch_norm
 from .depthwise import DepthwiseConv2d
+from .init import check_init, init_weights
 
 __all__ = ["ConvMixer", "Residual", "ConvActNorm", "MixerBlock", "ACTIVATIONS", "make_activation"]
 
@@ -119,6 +120,11 @@ class ConvMixer(nn.Module):
         skip_period: 0 for the plain ConvMixer; g > 0 splits the blocks into g equal consecutive
             groups and adds an identity skip around each (ConvMixer-XL uses 66 blocks, g=3).
         image_size: optional input side length, only used to reject a patch larger than the image.
+        drop_rate: dropout on the pooled features before the classifier.
+        init: weight init (`isoconv.models.init`): "torch" (PyTorch's default, as timm), "glorot" (Keras) or
+            "trunc-normal".
+        bn_eps, bn_momentum: every BatchNorm's epsilon and running-statistics momentum in PyTorch's convention
+            (defaults 1e-5 and 0.1; Keras' BatchNormalization is eps 1e-3 and momentum 0.99, i.e. 0.01 here).
     """
 
     def __init__(
@@ -133,8 +139,16 @@ class ConvMixer(nn.Module):
         skip_period: int = 0,
         image_size: Optional[int] = None,
         drop_rate: float = 0.0,
+        init: str = "torch",
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
     ) -> None:
         super().__init__()
+        init = check_init(init)
+        if not (isinstance(bn_eps, numbers.Real) and 0 < bn_eps <= 1):
+            raise ConfigError(f"bn_eps must be in (0, 1], got {bn_eps!r}")
+        if not (isinstance(bn_momentum, numbers.Real) and 0 < bn_momentum <= 1):
+            raise ConfigError(f"bn_momentum must be in (0, 1], got {bn_momentum!r}")
         dim = check_positive_int("dim", dim)
         depth = check_positive_int("depth", depth)
         kernel_size = check_positive_int("kernel_size", kernel_size)
@@ -165,6 +179,9 @@ class ConvMixer(nn.Module):
             skip_period=skip_period,
             image_size=image_size,
         )
+        # the init and BatchNorm settings only where they are not the defaults (timm's and PyTorch's)
+        self.config.update({k: v for k, v, default in (("init", init, "torch"), ("bn_eps", float(bn_eps), 1e-5),
+                                                       ("bn_momentum", float(bn_momentum), 0.1)) if v != default})
         self.num_classes = num_classes
         self.num_features = dim
         self.skip_period = skip_period
@@ -173,10 +190,13 @@ class ConvMixer(nn.Module):
         def act() -> nn.Module:
             return make_activation(activation)
 
+        def norm() -> nn.Module:
+            return nn.BatchNorm2d(dim, eps=float(bn_eps), momentum=float(bn_momentum))
+
         self.stem = ConvActNorm(
             nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),
             act(),
-            nn.BatchNorm2d(dim),
+            norm(),
         )
         self.blocks = nn.Sequential(
             *[
@@ -185,12 +205,12 @@ class ConvMixer(nn.Module):
                         ConvActNorm(
                             DepthwiseConv2d(dim, kernel_size, padding="same"),
                             act(),
-                            nn.BatchNorm2d(dim),
+                            norm(),
                         )
                     ),
                     nn.Conv2d(dim, dim, kernel_size=1),
                     act(),
-                    nn.BatchNorm2d(dim),
+                    norm(),
                 )
                 for _ in range(depth)
             ]
@@ -198,6 +218,8 @@ class ConvMixer(nn.Module):
         self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten())
         self.head_drop = nn.Dropout(drop_rate)  # timm's drop_rate: dropout on the pooled features
         self.head: nn.Module = nn.Linear(dim, num_classes)
+        if init != "torch":  # the layers were built with PyTorch's default init
+            init_weights(self, init)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head; ``num_classes=0`` gives an identity head (pooled features out)."""
@@ -207,6 +229,8 @@ class ConvMixer(nn.Module):
         self.num_classes = int(num_classes)
         self.config["num_classes"] = self.num_classes
         self.head = nn.Linear(self.num_features, self.num_classes, device=device) if num_classes > 0 else nn.Identity()
+        if num_classes > 0 and self.config.get("init", "torch") != "torch":
+            init_weights(self.head, self.config["init"])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and blocks; returns the (B, dim, H/p, W/p) feature map."""

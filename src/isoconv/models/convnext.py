@@ -9,7 +9,8 @@ This is the hierarchical baseline of the "simple-convnext" seed:
                -> layer scale gamma -> drop path -> + residual
     head     = mean over H, W -> LayerNorm(dims[-1]) (``head_norm``) -> Linear (``head``)
 
-All LayerNorms use eps 1e-6. Conv and linear weights are trunc-normal(std 0.02), biases zero.
+All LayerNorms use eps 1e-6. Conv and linear weights are trunc-normal(std 0.02), biases zero, unless ``init`` says
+PyTorch's default ("torch", what the simple-convnext seed trained from) or Glorot-uniform ("glorot").
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torchvision.ops import StochasticDepth
 from ..errors import ConfigError
 from .convmixer import canonical_activation, check_image_size, check_positive_int, make_activation
 from .depthwise import DepthwiseConv2d
+from .init import check_init, init_weights
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock", "ConvNeXtStage", "LayerNorm2d"]
 
@@ -133,8 +135,10 @@ class ConvNeXt(nn.Module):
         activation: str = "gelu",
         depth: Optional[int] = None,
         drop_path_mode: str = "row",
+        init: str = "trunc-normal",
     ) -> None:
         super().__init__()
+        init = check_init(init)
         activation = canonical_activation(activation)
         if depth is not None and not isinstance(depths, (str, bytes)) and isinstance(depths, Sequence):
             depths = [check_positive_int("depth", depth)] * len(depths)
@@ -182,6 +186,7 @@ class ConvNeXt(nn.Module):
             image_size=image_size,
             activation=activation,
             drop_path_mode=drop_path_mode,
+            **({} if init == "trunc-normal" else {"init": init}),  # recorded where it is not the default
         )
         self.num_classes = num_classes
         self.num_features = dims[-1]
@@ -211,7 +216,11 @@ class ConvNeXt(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head_norm = nn.LayerNorm(dims[-1], eps=LN_EPS)
         self.head: nn.Module = nn.Linear(dims[-1], num_classes)
-        self.apply(self._init_weights)
+        if init == "trunc-normal":
+            self.apply(self._init_weights)
+        elif init == "glorot":
+            init_weights(self, init)
+        # "torch": the layers were built with PyTorch's default init (the simple-convnext seed's)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -229,7 +238,11 @@ class ConvNeXt(nn.Module):
         self.config["num_classes"] = self.num_classes
         if num_classes > 0:
             head = nn.Linear(self.num_features, self.num_classes, device=device)
-            self._init_weights(head)
+            init = self.config.get("init", "trunc-normal")
+            if init == "trunc-normal":
+                self._init_weights(head)
+            elif init == "glorot":
+                init_weights(head, "glorot")
             self.head = head
         else:
             self.head = nn.Identity()

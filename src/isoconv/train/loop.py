@@ -410,7 +410,7 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
             row = epoch_row(epoch, lr, state, dist, epoch_seconds)
             if epoch + 1 < end_epoch and over_time_budget(cfg, dist, started, last_epoch_wall or epoch_seconds):
                 budget_stop = epoch + 1  # evaluated, checkpointed and logged like a last epoch, then stop
-            if epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0 or budget_stop:
+            if epoch + 1 == cfg.epochs or on_eval_schedule(cfg, epoch + 1) or budget_stop:
                 result = evaluate(t)
                 row.update({k: result[k] for k in ("test_loss", "test_top1", "test_top5")})
             history.append(row)
@@ -439,6 +439,24 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
     return finish(t, run, result, history, train_seconds, info) if dist.is_main else None
 
 
+def on_eval_schedule(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether (1-based) `epoch` is one --eval-every / --eval-start evaluate after (the last epoch is evaluated
+    whatever the schedule, for the summary)."""
+    start = cfg.eval_start or cfg.eval_every
+    return epoch >= start and (epoch - start) % cfg.eval_every == 0
+
+
+def scheduled_evals(cfg: TrainConfig, history: list[dict]) -> dict[str, Any]:
+    """The figures a seed that evaluated on a fixed schedule could report: the best and the last evaluation on
+    the schedule (the final weights' evaluation counts only when the last epoch is on it)."""
+    rows = [r for r in history if r.get("test_top1") is not None and on_eval_schedule(cfg, r["epoch"])]
+    pick = ("epoch", "test_top1", "test_top5")
+    best = max(rows, key=lambda r: (r["test_top1"], -r["epoch"]), default=None)
+    return {"every": cfg.eval_every, "start": cfg.eval_start or cfg.eval_every, "count": len(rows),
+            "best": {k: best[k] for k in pick} if best else None,
+            "last": {k: rows[-1][k] for k in pick} if rows else None}
+
+
 def finish(t: Training, run: RunDir, result: dict, history: list[dict], train_seconds: float, info) -> dict:
     """Write summary.json and report.txt, log the report, return the summary."""
     cfg, dist = t.cfg, t.dist
@@ -449,7 +467,7 @@ def finish(t: Training, run: RunDir, result: dict, history: list[dict], train_se
                "skipped_steps": sum(r.get("skipped_steps", 0) for r in history),
                "compile_seconds": t.step.compile_seconds if cfg.compile else None,
                "data_provenance": t.data_provenance, "test_split": cfg.test_split, "test_subset": cfg.test_subset,
-               "test_images_total": t.test_ds.split_images,
+               "test_images_total": t.test_ds.split_images, "scheduled_evals": scheduled_evals(cfg, history),
                **({"processes": dist.world_size, "batch_per_process": cfg.batch_size // dist.world_size}
                   if dist.enabled else {}), **fields}
     run.write_summary(summary, report)
@@ -457,6 +475,11 @@ def finish(t: Training, run: RunDir, result: dict, history: list[dict], train_se
     info(report)
     info(f"test top-1 {summary['test_top1']:.4f}  top-5 {summary['test_top5']:.4f}  "
          f"({train_seconds / 60:.1f} min of training); written to {run}")
+    evals = summary["scheduled_evals"]
+    if (cfg.eval_every > 1 or cfg.eval_start) and evals["best"]:
+        info(f"on the evaluation schedule (every {evals['every']} from epoch {evals['start']}): best test top-1 "
+             f"{evals['best']['test_top1']:.4f} (epoch {evals['best']['epoch']}), last "
+             f"{evals['last']['test_top1']:.4f} (epoch {evals['last']['epoch']})")
     if not all(bool(torch.isfinite(p).all()) for p in t.model.parameters()):
         raise UserError(f"the trained model in {run} has non-finite weights (test loss {summary['test_loss']}); "
                         f"{summary['skipped_steps']} step(s) were skipped for a non-finite loss; lower --lr-max or "

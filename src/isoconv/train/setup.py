@@ -10,7 +10,7 @@ import torch
 from ..augment import BatchAugment, MixThenErase, MixupCutmix
 from ..augment.reference import torchvision_train_transform
 from ..config import TRANSFORM_FIELDS, TrainConfig
-from ..data import load_data, resolve_data_root
+from ..data import load_data, normalization, resolve_data_root
 from ..data.dataset import ImageDataset
 from ..data.provenance import verify_data
 from ..data.loaders import DeviceLoader, TorchvisionLoader
@@ -113,7 +113,7 @@ def build_training(cfg: TrainConfig, resuming: bool = False, dist: Dist = SINGLE
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     if data is not None:  # (train, test) datasets already in memory (`isoconv doctor`): nothing is read
-        train_ds, test_ds = (ds.to(device) for ds in data)
+        train_ds, test_ds = (normalization(ds, cfg).to(device) for ds in data)
         provenance = {"dataset": train_ds.name, "official": None, "reason": "in-memory data"}
     else:
         with ddp.main_process_first(dist):
