@@ -103,7 +103,7 @@ def test_pixels_match_lossless_reference(test_ds, train_ds, lossless_subset):
 def test_load_dataset_dispatch(data_root, test_ds):
     ds = load_dataset("cifar10", data_root, "test", download=False)
     assert torch.equal(ds.images, test_ds.images) and torch.equal(ds.labels, test_ds.labels)
-    with pytest.raises(UserError, match=r"'cifar1000'.*cifar10, cifar100, tiny-imagenet, folder"):
+    with pytest.raises(UserError, match=r"'cifar1000'.*cifar10, cifar10-lossless, cifar100, tiny-imagenet, folder"):
         load_dataset("cifar1000", data_root, "test")
     with pytest.raises(UserError, match=r"'val'.*train, test"):
         load_dataset("cifar10", data_root, "val")
