@@ -15,27 +15,34 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from .bench import run_bench, time_to_accuracy
-from .doctor import run_doctor
 from .config import add_setting_flags, build_config, list_recipes, load_recipe, settings_from_args
 from .errors import Interrupted, UserError
 from .fileio import atomic_write, describe_file
-from .eval.run import evaluate_target
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
 from .experiments.published import figures_text
-from .experiments.tracking import publish_tracked
 from .fileio import DISK_FULL, folders_to_create, remove_empty_folders
-from .interop.export import MATCH_TOLERANCE, export_target
+from .lazy import lazy_function, lazy_module
 from .malloc_tuning import tune_allocator
-from .interop.predict import format_csv, format_json, format_table, predict_files
-from .models import list_models, model_info
+from .models.presets import PRESETS, preset_params
 from .rundir import RUNS_FOLDER, RunDir, check_output_folder
-from .train import distributed as ddp
-from .train import train
-from .train.loop import check_resume_config
-from .weights import load_latest_checkpoint
+
+# Imported by the commands that use them: `isoconv --help`, `recipes` and `models` load no torch (tests/test_startup.py)
+torch = lazy_module("torch")
+ddp = lazy_module("isoconv.train.distributed")
+export = lazy_module("isoconv.interop.export")
+run_bench = lazy_function("isoconv.bench", "run_bench")
+time_to_accuracy = lazy_function("isoconv.bench", "time_to_accuracy")
+run_doctor = lazy_function("isoconv.doctor", "run_doctor")
+evaluate_target = lazy_function("isoconv.eval.run", "evaluate_target")
+publish_tracked = lazy_function("isoconv.experiments.tracking", "publish_tracked")
+export_target = lazy_function("isoconv.interop.export", "export_target")
+format_csv = lazy_function("isoconv.interop.predict", "format_csv")
+format_json = lazy_function("isoconv.interop.predict", "format_json")
+format_table = lazy_function("isoconv.interop.predict", "format_table")
+predict_files = lazy_function("isoconv.interop.predict", "predict_files")
+train = lazy_function("isoconv.train", "train")
+check_resume_config = lazy_function("isoconv.train.loop", "check_resume_config")
+load_latest_checkpoint = lazy_function("isoconv.weights", "load_latest_checkpoint")
 
 CPU_RECIPE = "cpu-quick"
 GPU_RECIPE = "convmixer-cifar10-25ep"
@@ -176,9 +183,8 @@ def cmd_doctor(args) -> int:
 
 def cmd_models(args) -> int:
     print(f"{'name':<24} {'family':<10} {'params':>12}  description")
-    for name in list_models():
-        info = model_info(name)
-        print(f"{name:<24} {info['family']:<10} {info['params']:>12,}  {info['description']}")
+    for name, preset in PRESETS.items():  # the closed-form count: no model is built, torch is not imported
+        print(f"{name:<24} {preset.family:<10} {preset_params(name):>12,}  {preset.description}")
     return 0
 
 
@@ -334,9 +340,9 @@ def cmd_export(args) -> int:
     batch = "any batch size" if result.dynamic_batch else f"batch size {result.batch_size}"
     check = "" if args.format == "safetensors" else f"; max abs diff vs PyTorch {result.max_abs_diff:.1e}"
     print(f"wrote {result.path} ({args.format}, {batch}{check})")
-    if result.max_abs_diff > MATCH_TOLERANCE:
+    if result.max_abs_diff > export.MATCH_TOLERANCE:
         print(f"isoconv: warning: the exported model differs from PyTorch by {result.max_abs_diff:.2e} "
-              f"(more than {MATCH_TOLERANCE}); please report this", file=sys.stderr)
+              f"(more than {export.MATCH_TOLERANCE}); please report this", file=sys.stderr)
     return 0
 
 
