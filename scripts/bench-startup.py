@@ -43,6 +43,8 @@ def commands(data_dir: str, out: str) -> dict[str, list[str]]:
         "python -c pass": py + ["-c", "pass"],
         "python -c 'import yaml'": py + ["-c", "import yaml"],
         "python -c 'import torch'": py + ["-c", "import torch"],
+        # torch.optim's optimizers import torch._dynamo when the first one is built (torch/_compile.py)
+        "python -c 'import torch._dynamo'": py + ["-c", "import torch._dynamo"],
         "isoconv --help": py + ["-m", "isoconv", "--help"],
         "isoconv train --help": py + ["-m", "isoconv", "train", "--help"],
         "isoconv recipes": py + ["-m", "isoconv", "recipes"],
