@@ -59,7 +59,7 @@ def run_once(argv: list[str], src: str, cache: str, out: str) -> float:
     start = time.perf_counter()
     done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
     seconds = time.perf_counter() - start
-    if done.returncode != 0 or ("train" in argv and MARK not in done.stdout):
+    if done.returncode != 0 or ("-c" in argv and "train" in argv and MARK not in done.stdout):
         raise SystemExit(f"{' '.join(argv[:4])} failed ({done.returncode}) with PYTHONPATH={src}:\n"
                          f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
     if Path(out).exists():  # the interrupted run's folder
