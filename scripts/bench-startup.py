@@ -112,17 +112,23 @@ def main() -> int:
             for name, argv in todo.items():
                 for label, src in trees.items():
                     times[name][label].append(run_once(argv, src, caches[label], out))
-            print(f"round {r + 1}/{args.runs} done", file=sys.stderr, flush=True)
-
-    width = max(len(n) for n in todo)
+            table(times, trees, f"median of {r + 1} runs")  # so far (on stderr), in case the rest is cut short
+            if args.json:
+                Path(args.json).write_text(json.dumps({"machine": info, "trees": trees, "runs": r + 1,
+                                                       "seconds": times}, indent=2))
     print(f"\nmedian of {args.runs} runs, seconds (load average now {os.getloadavg()})")
-    print(f"{'command':<{width}}  " + "  ".join(f"{label:>10}" for label in trees))
-    for name in todo:
-        print(f"{name:<{width}}  " + "  ".join(f"{statistics.median(times[name][label]):>10.2f}" for label in trees))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "trees": trees, "runs": args.runs, "seconds": times},
-                                              indent=2))
+    table(times, trees, file=sys.stdout)
     return 0
+
+
+def table(times: dict, trees: dict, title: str = "", file=sys.stderr) -> None:
+    width = max(len(n) for n in times)
+    if title:
+        print(title, file=file)
+    print(f"{'command':<{width}}  " + "  ".join(f"{label:>10}" for label in trees), file=file)
+    for name in times:
+        print(f"{name:<{width}}  " + "  ".join(f"{statistics.median(times[name][label]):>10.2f}" for label in trees),
+              file=file, flush=True)
 
 
 if __name__ == "__main__":
