@@ -731,7 +731,7 @@ class BatchAugment:
 
         if self.no_aug:
             if (H, W) != (S, S):
-                images = TF.resize(images, [S, S], interpolation=InterpolationMode.BILINEAR, antialias=True)
+                images = TF.resize(images, [S, S], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
             return normalize(images, self.mean, self.std)
 
         _check_generator(images, generator)
