@@ -6,6 +6,7 @@ defaults, checks that the family accepts every override, and builds the model.
 
 Overrides are constructor keyword arguments of the family's class (``ConvMixer`` or
 ``ConvNeXt``). An override whose value is ``None`` is ignored ("whatever the preset says").
+The shipped presets are data in ``presets.py`` (read without torch by `isoconv models`), registered at the end.
 """
 from __future__ import annotations
 
