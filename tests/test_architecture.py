@@ -1,12 +1,14 @@
 """The package's layers (docs/architecture.md): imports only point down, there is no import circle, and no
-isoconv module is imported inside a function (the usual way to hide a circle)."""
+isoconv module is imported inside a function (the usual way to hide a circle). A deferred import (isoconv.lazy:
+`lazy_module`, `lazy_function`, `lazy_exports`) is declared at a module's top level and counts as an import of
+every isoconv module it names: the same rules apply to it."""
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "isoconv"
 
 # component (first part of the module path) -> layer; a module may import its own component and lower layers
-LAYERS = {"fileio": 1, "errors": 1, "augment": 1, "malloc_tuning": 1, "zoo": 1,
+LAYERS = {"fileio": 1, "errors": 1, "augment": 1, "malloc_tuning": 1, "lazy": 1, "zoo": 1, "formats": 1,
           "config": 2, "runtime": 2, "rundir": 2,
           "data": 3, "models": 3,
           "weights": 4,
@@ -50,13 +52,33 @@ def resolve(path: Path, node: ast.ImportFrom) -> list[str]:
     return targets
 
 
+LAZY_IMPORTS = ("lazy_module", "lazy_function", "lazy_exports")
+
+
+def deferred(node: ast.AST) -> list[str]:
+    """The isoconv modules a call of isoconv.lazy names (package-relative), [] for any other node."""
+    if not (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in LAZY_IMPORTS):
+        return []
+    return [c.value[len("isoconv."):] for c in ast.walk(node)
+            if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value.startswith("isoconv.")]
+
+
 def imports():
-    """(importer, imported, is_top_level, line) for every import of an isoconv module."""
+    """(importer, imported, is_top_level, line) for every import of an isoconv module, deferred ones included (a
+    deferred import is top-level when it is declared in a top-level statement)."""
     out = []
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text())
         top = {id(n) for n in tree.body}
+        declared = set()  # nodes run at import time: not inside a function
+        stack = list(tree.body)
+        while stack:
+            node = stack.pop()
+            declared.add(id(node))
+            stack += [c for c in ast.iter_child_nodes(node)
+                      if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
         for node in ast.walk(tree):
+            out += [(module_name(path), target, id(node) in declared, node.lineno) for target in deferred(node)]
             if isinstance(node, ast.ImportFrom):
                 for target in resolve(path, node):
                     out.append((module_name(path), target, id(node) in top, node.lineno))
@@ -87,6 +109,7 @@ def test_the_checks_see_what_they_check():
     edges = {(a, b) for a, b, _, _ in imports()}
     assert ("train.loop", "train.setup") in edges and ("weights.meta", "models") in edges
     assert ("cli", "train") in edges and ("data.load", "config") in edges
+    assert ("models", "models.registry") in edges  # a deferred import (lazy_exports)
 
 
 def test_no_import_circle():

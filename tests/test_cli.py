@@ -1,4 +1,5 @@
-"""The console script as a user runs it: real subprocesses, exit codes, one-line errors."""
+"""The console script as a user runs it: real subprocesses, exit codes, one-line errors (in-process `main()` where
+the process itself is not what a test is about)."""
 import json
 import os
 import subprocess
@@ -64,25 +65,35 @@ def test_debug_shows_the_traceback():
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-def test_train_then_eval_round_trip(data_root, tmp_path):
+def in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """`isoconv ARGS` run by main() in this process (no interpreter start-up or imports to pay again), its exit
+    code and output as run_cli returns them: for tests about what a command does, not about the process."""
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["isoconv", *args], code, out.out, out.err)
+
+
+def test_train_then_eval_round_trip(data_root, tmp_path, capsys):
     run = tmp_path / "run"
-    r = run_cli("train", *TINY, "--data-dir", str(data_root), "--out", str(run))
+    r = in_process(capsys, "train", *TINY, "--data-dir", str(data_root), "--out", str(run))
     assert r.returncode == 0, r.stderr
     assert "test_top1" in r.stdout and "precision" in r.stdout and "airplane" in r.stdout
     summary = json.loads((run / "summary.json").read_text())
     out = tmp_path / "eval.json"
-    r = run_cli("eval", str(run), "--data-dir", str(data_root), "--test-subset", "100", "--json", str(out))
+    r = in_process(capsys, "eval", str(run), "--data-dir", str(data_root), "--test-subset", "100", "--json", str(out))
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert set(summary) <= set(report)
     assert report["epochs"] == 1 and report["params"] == summary["params"]
     assert report["test_top1"] == pytest.approx(summary["test_top1"])
     assert report["confusion_matrix"] == summary["confusion_matrix"]
-    r = run_cli("train", "--resume", str(run), "--lr-max", "0.5")
+    r = in_process(capsys, "train", "--resume", str(run), "--lr-max", "0.5")
     assert r.returncode == 2 and "lr_max: 0.01 -> 0.5" in r.stderr
-    r = run_cli("train", "--resume", str(run), "--data-dir", str(data_root))
+    r = in_process(capsys, "train", "--resume", str(run), "--data-dir", str(data_root))
     assert r.returncode == 0, r.stderr
     assert f"{run} is finished (1 epoch," in r.stdout and "nothing to resume" in r.stdout
     assert json.loads((run / "summary.json").read_text())["test_top1"] == pytest.approx(summary["test_top1"])
-    r = run_cli("eval", str(run / "last.pt"), "--data-dir", str(data_root), "--test-subset", "100", "--tta", "flip")
+    r = in_process(capsys, "eval", str(run / "last.pt"), "--data-dir", str(data_root), "--test-subset", "100",
+                   "--tta", "flip")
     assert r.returncode == 0 and "top-1" in r.stdout

@@ -6,8 +6,11 @@ import functools
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
 
 from isoconv.errors import ConfigError
+from isoconv.models.convnext import StochasticDepth
+from isoconv.models.presets import PRESETS as PRESET_TABLE, preset_params
 from isoconv.models import (
     ConvMixer,
     ConvNeXt,
@@ -67,6 +70,26 @@ def test_preset_param_count_exact(name: str) -> None:
     model = preset(name)
     assert count_params(model) == EXPECTED_PARAMS[name]
     assert model_info(name)["params"] == EXPECTED_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_closed_form_param_count_is_the_built_models(name: str) -> None:
+    """`isoconv models` counts parameters without torch (models/presets.py); they are the built model's."""
+    assert list(PRESET_TABLE) == list_models()[:len(PRESET_TABLE)]
+    assert preset_params(name) == count_params(preset(name))
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("cm-cpu", dict(dim=24, depth=3, kernel_size=4, patch_size=3, num_classes=7, in_chans=1)),
+    ("cm-xl", dict(depth=6, skip_period=2, activation="relu")),
+    ("convnext-cifar", dict(dims=[8, 16, 24], depths=[1, 2, 3], kernel_size=5, num_classes=100, in_chans=4)),
+    ("convnext-cifar", dict(depth=3, layer_scale_init=0.0, patch_size=2)),
+    ("convnext-tin", dict(dims=[8, 16], depths=[2, 1], drop_path_rate=0.2)),
+])
+def test_closed_form_param_count_with_overrides(name: str, overrides: dict) -> None:
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    assert preset_params(name, **overrides) == count_params(model)
 
 
 def test_cm_cpu_is_a_convmixer_with_formula_count() -> None:
@@ -337,6 +360,27 @@ def test_batch_mode_drops_the_whole_batch_as_the_seed_did() -> None:
     for seed in range(4):
         dropped, kept, _ = dropped_and_kept("batch")
         assert bool(dropped.all()) or bool(kept.all())  # all samples share one draw
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.875, 1.0])
+def test_stochastic_depth_matches_torchvision(p: float, mode: str) -> None:
+    """isoconv's StochasticDepth (no torchvision import at start-up) is torchvision's: same repr, no state, and from
+    the same seed the same draws and the same result, in training and in eval."""
+    ours, theirs = StochasticDepth(p, mode), TorchvisionStochasticDepth(p, mode)
+    assert repr(ours) == repr(theirs) and ours.state_dict() == theirs.state_dict() == {}
+    x = torch.randn(64, 3, 4, 4)
+    outputs = {}
+    for training in (True, False):
+        for module in (ours, theirs):
+            torch.manual_seed(7)
+            outputs[training, module is ours] = module.train(training)(x)
+        assert torch.equal(outputs[training, True], outputs[training, False])
+    assert torch.equal(outputs[False, True], x)
+    dropped = (outputs[True, True] == 0).flatten(1).all(dim=1)
+    expected = {0.0: "none", 1.0: "all"}.get(p, "some" if mode == "row" else None)
+    if expected is not None:
+        assert {"none": not dropped.any(), "all": dropped.all(), "some": dropped.any() and not dropped.all()}[expected]
 
 
 def test_invalid_drop_path_settings_raise() -> None:

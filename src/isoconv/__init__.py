@@ -15,8 +15,11 @@ if sys.argv[:1] == ["-m"] or os.path.basename(sys.argv[0] if sys.argv else "") =
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 from .config import TrainConfig, build_config  # noqa: E402
-from .interop.load import load  # noqa: E402
-from .models import create_model, list_models  # noqa: E402
+from .lazy import lazy_exports  # noqa: E402
+
+# loaded at the first use, so that `isoconv --help` does not import torch
+__getattr__, __dir__ = lazy_exports(__name__, {"load": "isoconv.interop.load", "create_model": "isoconv.models",
+                                               "list_models": "isoconv.models"})
 
 __version__ = "0.1.0"
 

@@ -17,31 +17,40 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from .bench import run_bench, time_to_accuracy
-from .doctor import run_doctor
 from .config import (DATASET_CHOICES, RESUME_FREE_FIELDS, add_setting_flags, build_config, list_recipes, load_recipe,
                      settings_from_args)
 from .errors import Interrupted, UserError
 from .fileio import atomic_write, describe_file
-from .eval.run import evaluate_target
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
 from .experiments.published import figure_note, figures_text
-from .experiments.tracking import publish_tracked
 from .fileio import DISK_FULL, folders_to_create, remove_empty_folders
-from .interop.export import FORMATS, MATCH_TOLERANCE, export_target
-from .interop.model_folder import FOLDER_FORMAT, export_folder
-from .interop.serve import DEFAULT_HOST, DEFAULT_PORT, MAX_UPLOAD_BYTES, serve
+from .formats import DEFAULT_HOST, DEFAULT_PORT, EXPORT_FORMATS, FOLDER_FORMAT, MAX_UPLOAD_BYTES
+from .lazy import lazy_function, lazy_module
 from .malloc_tuning import tune_allocator
-from .interop.predict import format_csv, format_json, format_table, predict_files
-from .models import list_models, model_info
+from .models.presets import PRESETS, preset_params
 from .rundir import RUNS_FOLDER, RunDir, check_output_file, check_output_folder, check_run_folder
-from .train import distributed as ddp
-from .train import train
-from .train.loop import check_resume_config, config_file_edits
-from .weights import load_latest_checkpoint
 from .zoo import zoo_entries
+
+# Imported by the commands that use them: `isoconv --help`, `recipes` and `models` load no torch (tests/test_startup.py)
+torch = lazy_module("torch")
+ddp = lazy_module("isoconv.train.distributed")
+export = lazy_module("isoconv.interop.export")
+run_bench = lazy_function("isoconv.bench", "run_bench")
+time_to_accuracy = lazy_function("isoconv.bench", "time_to_accuracy")
+run_doctor = lazy_function("isoconv.doctor", "run_doctor")
+evaluate_target = lazy_function("isoconv.eval.run", "evaluate_target")
+publish_tracked = lazy_function("isoconv.experiments.tracking", "publish_tracked")
+export_target = lazy_function("isoconv.interop.export", "export_target")
+export_folder = lazy_function("isoconv.interop.model_folder", "export_folder")
+serve = lazy_function("isoconv.interop.serve", "serve")
+format_csv = lazy_function("isoconv.interop.predict", "format_csv")
+format_json = lazy_function("isoconv.interop.predict", "format_json")
+format_table = lazy_function("isoconv.interop.predict", "format_table")
+predict_files = lazy_function("isoconv.interop.predict", "predict_files")
+train = lazy_function("isoconv.train", "train")
+check_resume_config = lazy_function("isoconv.train.loop", "check_resume_config")
+config_file_edits = lazy_function("isoconv.train.loop", "config_file_edits")
+load_latest_checkpoint = lazy_function("isoconv.weights", "load_latest_checkpoint")
 
 CPU_RECIPE = "cpu-quick"
 GPU_RECIPE = "convmixer-cifar10-25ep"
@@ -164,7 +173,6 @@ def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
 
 
 PREDICT_FORMATS = ("table", "json", "csv")
-EXPORT_FORMATS = (*FORMATS, FOLDER_FORMAT)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEPRECATED_SWITCH = "\0switch"  # `predict --json` without a path: the old spelling of --format json
 
@@ -221,9 +229,8 @@ def cmd_doctor(args) -> int:
 
 def cmd_models(args) -> int:
     print(f"{'name':<24} {'family':<10} {'params':>12}  description")
-    for name in list_models():
-        info = model_info(name)
-        print(f"{name:<24} {info['family']:<10} {info['params']:>12,}  {info['description']}")
+    for name, preset in PRESETS.items():  # the closed-form count: no model is built, torch is not imported
+        print(f"{name:<24} {preset.family:<10} {preset_params(name):>12,}  {preset.description}")
     print("\nshipped weights (`isoconv zoo`): " + (", ".join(e.name for e in zoo_entries()) or "none"))
     return 0
 
@@ -392,9 +399,9 @@ def cmd_export(args) -> int:
     batch = "any batch size" if result.dynamic_batch else f"batch size {result.batch_size}"
     check = "" if args.format == "safetensors" else f"; max abs diff vs PyTorch {result.max_abs_diff:.1e}"
     print(f"wrote {result.path} ({args.format}, {batch}{check})")
-    if result.max_abs_diff > MATCH_TOLERANCE:
+    if result.max_abs_diff > export.MATCH_TOLERANCE:
         print(f"isoconv: warning: the exported model differs from PyTorch by {result.max_abs_diff:.2e} "
-              f"(more than {MATCH_TOLERANCE}); please report this", file=sys.stderr)
+              f"(more than {export.MATCH_TOLERANCE}); please report this", file=sys.stderr)
     return 0
 
 

@@ -7,9 +7,13 @@
 * :func:`torchvision_train_transform`, :func:`torchvision_test_transform` (``reference``): the
   conventional per-image torchvision pipeline.
 """
+from ..lazy import lazy_exports
 from .batched import BatchAugment, normalize
 from .mix import MixThenErase, MixupCutmix, one_hot_smooth
-from .reference import torchvision_test_transform, torchvision_train_transform
+
+# torchvision's pipeline loads torchvision: only when it is used (the device loader does not need it)
+__getattr__, __dir__ = lazy_exports(__name__, {name: "isoconv.augment.reference" for name in
+                                               ("torchvision_test_transform", "torchvision_train_transform")})
 
 __all__ = [
     "BatchAugment",

@@ -74,8 +74,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+
+from ..lazy import lazy_module
+
+# torchvision's ops are RandAugment's only (the recipes without it never import torchvision)
+TF = lazy_module("torchvision.transforms.v2.functional")
 
 __all__ = [
     "RA_OPS",
@@ -369,7 +372,7 @@ def apply_ra_op(images: Tensor, op: str, magnitude: float) -> Tensor:
     (nearest interpolation, fill ``None`` -> 0); all of them treat leading dimensions as
     independent images, so the result equals per-image application exactly.
     """
-    nearest = InterpolationMode.NEAREST
+    nearest = TF.InterpolationMode.NEAREST
     if op == "Identity":
         return images
     if op == "ShearX":
@@ -784,7 +787,7 @@ class BatchAugment:
 
         if self.no_aug:
             if (H, W) != (S, S):
-                images = TF.resize(images, [S, S], interpolation=InterpolationMode.BILINEAR, antialias=True)
+                images = TF.resize(images, [S, S], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
             return normalize(images, self.mean, self.std)
 
         _check_generator(images, generator)

@@ -46,7 +46,7 @@ def decode_image_array(path: Union[str, Path, BinaryIO], image_size: Optional[in
             im.load()
             rgb = to_rgb(im)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        reason = broken_link(path) or str(e) or type(e).__name__
+        reason = (None if hasattr(path, "read") else broken_link(path)) or str(e) or type(e).__name__
         raise BadImageError(f"cannot read image {path}: {reason}; fix or remove the file "
                             f"(or pass --skip-bad-images)") from None
     if image_size is not None and rgb.size != (image_size, image_size):

@@ -38,14 +38,10 @@ from ..train.tracking import check_tracking
 from .launchers import LAUNCHERS, LaunchOptions, run_with_ray, run_with_slurm
 from .report import write_sweep_report
 from .results import MANIFEST, load_manifest, write_results
-from .spec import AblationSpec, load_spec, run_config, variant_config, variant_dirname
+from .spec import ABLATE_FLAGS, AblationSpec, load_spec, run_config, variant_config, variant_dirname
 from .tracking import open_child, open_sweep, publish_run, publish_sweep
 
 log = logging.getLogger(__name__)
-
-# Settings `isoconv ablate` has a flag for (the rest are given as --set KEY=VALUE).
-ABLATE_FLAGS = ("data_dir", "download", "device", "amp", "test_split", "tensorboard", "track", "tracking_uri")
-
 
 @dataclass
 class PlannedRun:

@@ -9,11 +9,16 @@ import yaml
 
 from ..config import CONFIG_KEYS, SETTINGS, add_setting_flags, check_value, settings_from_args, suggest
 from ..errors import ConfigError, Interrupted, UserError
+from ..lazy import lazy_function
 from ..rundir import check_output_folder
-from .ablate import ABLATE_FLAGS, default_sweep_dir, format_command, run_ablation
 from .launchers import DEFAULT_TIME_MIN, LAUNCHERS, LaunchOptions, parse_time
-from .report import write_report
-from .spec import load_spec
+from .spec import ABLATE_FLAGS, load_spec
+
+# Imported when a sweep or report runs: `isoconv --help` loads no torch (tests/test_startup.py)
+default_sweep_dir = lazy_function("isoconv.experiments.ablate", "default_sweep_dir")
+format_command = lazy_function("isoconv.experiments.ablate", "format_command")
+run_ablation = lazy_function("isoconv.experiments.ablate", "run_ablation")
+write_report = lazy_function("isoconv.experiments.report", "write_report")
 
 
 def add_experiment_parsers(sub) -> None:

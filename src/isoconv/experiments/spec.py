@@ -34,6 +34,8 @@ from ..errors import ConfigError
 SPEC_DIR = Path(__file__).resolve().parent.parent / "ablations"
 SPEC_KEYS = ("description", "base", "settings", "seeds", "baseline", "note", "grid", "variants")
 VARIANT_KEYS = ("name", "recipe")
+# Settings `isoconv ablate` has a flag for (the rest are given as --set KEY=VALUE).
+ABLATE_FLAGS = ("data_dir", "download", "device", "amp", "test_split", "tensorboard", "track", "tracking_uri")
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..formats import FORMATS
 from ..fileio import atomic_write_with, write_and_sync
 from ..rundir import check_output_file
 from ..weights.files import INSTALL_HINT, model_format
 from ..weights.meta import META_KEY, ModelMeta
 from .load import TORCHSCRIPT_META_FILE, OnnxModel, import_onnxruntime, read_model, read_torchscript
 
-FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 SUFFIX_FORMATS = {".onnx": "onnx", ".safetensors": "safetensors", ".pt": "torchscript", ".pth": "torchscript"}
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "safetensors": "model.safetensors"}

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import RUNTIME_FIELDS, TrainConfig, build_config, list_recipes, setting_tokens, SETTINGS
 from ..data.provenance import DISPLAY_NAME, data_statement, test_set_description
 from ..errors import UserError
+from ..formats import FOLDER_FORMAT
 from ..fileio import atomic_write, atomic_write_folder, folders_to_create, remove_empty_folders
 from ..rundir import RunDir
 from ..weights.files import model_format, read_model_folder
@@ -24,7 +25,6 @@ from ..weights.model_folder import CARD_NAME, CONFIG_NAME, MODEL_TYPE, SUMMARY_K
 from .export import max_abs_diff, safetensors_bytes
 from .load import build_with_weights, preprocess_for, read_model
 
-FOLDER_FORMAT = "folder"
 DEFAULT_FOLDER_NAME = "hf-model"
 HUB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}  # Hub dataset ids (the Hub redirects to uoft-cs/)
 

@@ -23,10 +23,9 @@ from typing import Any, Union
 
 from ..data.images import BadImageError, decode_image
 from ..errors import UserError
+from ..formats import DEFAULT_HOST, DEFAULT_PORT, MAX_UPLOAD_BYTES
 from .predict import ReadyModel, ready_model, top_predictions
 
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
-MAX_UPLOAD_BYTES = 10 * 2 ** 20
 DRAIN_FACTOR = 4  # an oversize body is read (and dropped) up to this many times the limit, so the client gets the 413
 SERVE_HINT = "pip install 'isoconv[serve]'"
 log = logging.getLogger(__name__)

@@ -20,16 +20,38 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 from ..errors import ConfigError
 from .convmixer import canonical_activation, check_image_size, check_positive_int, make_activation
 from .depthwise import DepthwiseConv2d
 from .init import check_init, init_weights
 
-__all__ = ["ConvNeXt", "ConvNeXtBlock", "ConvNeXtStage", "LayerNorm2d"]
+__all__ = ["ConvNeXt", "ConvNeXtBlock", "ConvNeXtStage", "LayerNorm2d", "StochasticDepth"]
 
 LN_EPS = 1e-6
+
+
+class StochasticDepth(nn.Module):
+    """``torchvision.ops.StochasticDepth`` without importing torchvision (same attributes, same random draws, same
+    result; tests/test_models.py compares them): while training, the residual branch of each image ("row") or of
+    the whole batch ("batch") is zeroed with probability ``p`` and the kept ones are scaled by ``1 / (1 - p)``."""
+
+    def __init__(self, p: float, mode: str) -> None:
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        size = [x.shape[0]] + [1] * (x.ndim - 1) if self.mode == "row" else [1] * x.ndim
+        noise = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(keep)
+        if keep > 0.0:
+            noise.div_(keep)
+        return x * noise
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode={self.mode}"
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -6,6 +6,7 @@ defaults, checks that the family accepts every override, and builds the model.
 
 Overrides are constructor keyword arguments of the family's class (``ConvMixer`` or
 ``ConvNeXt``). An override whose value is ``None`` is ignored ("whatever the preset says").
+The shipped presets are data in ``presets.py`` (read without torch by `isoconv models`), registered at the end.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ..config import MODEL_KWARGS, TrainConfig
 from ..errors import ConfigError
 from .convmixer import ConvMixer
 from .convnext import ConvNeXt
+from .presets import PRESETS
 
 __all__ = ["register_model", "create_model", "list_models", "model_info", "count_params", "FAMILIES"]
 
@@ -170,92 +172,8 @@ def model_info(name: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets (num_classes=10 unless said).
+# The shipped presets (presets.py holds them as data, for `isoconv models` without torch).
 
-
-def _cm(dim: int, depth: int, kernel_size: int, patch_size: int, activation: str = "gelu", skip_period: int = 0) -> dict[str, Any]:
-    return dict(
-        dim=dim,
-        depth=depth,
-        kernel_size=kernel_size,
-        patch_size=patch_size,
-        activation=activation,
-        skip_period=skip_period,
-        num_classes=10,
-    )
-
-
-@register_model("cm-vanilla", family="convmixer", defaults=_cm(256, 8, 5, 2, "gelu"))
-def cm_vanilla(**kwargs: Any) -> nn.Module:
-    """ConvMixer-256/8, kernel 5, patch 2, GELU: the reference CIFAR-10 ConvMixer."""
-    return ConvMixer(**kwargs)
-
-
-@register_model("cm-vanilla-relu", family="convmixer", defaults=_cm(256, 8, 5, 2, "relu"))
-def cm_vanilla_relu(**kwargs: Any) -> nn.Module:
-    """cm-vanilla with ReLU instead of GELU."""
-    return ConvMixer(**kwargs)
-
-
-@register_model("cm-vanilla-silu", family="convmixer", defaults=_cm(256, 8, 5, 2, "silu"))
-def cm_vanilla_silu(**kwargs: Any) -> nn.Module:
-    """cm-vanilla with SiLU instead of GELU."""
-    return ConvMixer(**kwargs)
-
-
-@register_model("cm-xl-noskip", family="convmixer", defaults=_cm(256, 66, 5, 2, "gelu", skip_period=0))
-def cm_xl_noskip(**kwargs: Any) -> nn.Module:
-    """ConvMixer-256/66, kernel 5, patch 2, GELU, no group skips (the deep baseline)."""
-    return ConvMixer(**kwargs)
-
-
-@register_model("cm-xl-skip", family="convmixer", defaults=_cm(256, 66, 5, 2, "gelu", skip_period=3))
-def cm_xl_skip(**kwargs: Any) -> nn.Module:
-    """ConvMixer-256/66, kernel 5, patch 2, GELU, identity skip around each of 3 groups of 22 blocks."""
-    return ConvMixer(**kwargs)
-
-
-@register_model("cm-xl", family="convmixer", defaults=_cm(256, 66, 5, 2, "silu", skip_period=3))
-def cm_xl(**kwargs: Any) -> nn.Module:
-    """ConvMixer-XL: 256/66, kernel 5, patch 2, SiLU, skip around each of 3 groups of 22 blocks."""
-    return ConvMixer(**kwargs)
-
-
-@register_model("convmixer-256-8-k9-p1", family="convmixer", defaults=_cm(256, 8, 9, 1, "gelu"))
-def convmixer_256_8_k9_p1(**kwargs: Any) -> nn.Module:
-    """ConvMixer-256/8, kernel 9, patch 1, GELU (full-resolution variant)."""
-    return ConvMixer(**kwargs)
-
-
-@register_model("cm-cpu", family="convmixer", defaults=_cm(128, 8, 5, 4, "relu"))
-def cm_cpu(**kwargs: Any) -> nn.Module:
-    """Small, fast ConvMixer for the default CPU recipe: 128/8, kernel 5, patch 4, ReLU (faster than GELU on CPU)."""
-    return ConvMixer(**kwargs)
-
-
-@register_model(
-    "convnext-cifar",
-    family="convnext",
-    defaults=dict(patch_size=1, depths=[2, 2, 2, 2], dims=[64, 128, 256, 512], num_classes=10),
-)
-def convnext_cifar(**kwargs: Any) -> nn.Module:
-    """ConvNeXt for 32x32 images: patch 1, depths 2-2-2-2, dims 64-128-256-512."""
-    return ConvNeXt(**kwargs)
-
-
-@register_model(
-    "convnext-tin",
-    family="convnext",
-    description="ConvNeXt-T-sized net for Tiny-ImageNet (64x64, 200 classes): patch 2, drop path 0.1; the seed says "
-                "22M params, its stated config has the count shown",
-    defaults=dict(
-        patch_size=2, depths=[3, 3, 9, 3], dims=[96, 192, 384, 768], num_classes=200, drop_path_rate=0.1
-    ),
-)
-def convnext_tin(**kwargs: Any) -> nn.Module:
-    """ConvNeXt-T-sized net for Tiny-ImageNet (64x64, 200 classes): patch 2, drop path 0.1.
-
-    simple-convnext's README gives "22M" parameters for this config; [3,3,9,3] x [96,192,384,768] with patch 2 and
-    200 classes has 27,970,472, which the seed's own model.py also builds.
-    """
-    return ConvNeXt(**kwargs)
+for _preset in PRESETS.values():
+    register_model(_preset.name, family=_preset.family, defaults=_preset.defaults,
+                   description=_preset.description)(functools.partial(FAMILIES[_preset.family]))

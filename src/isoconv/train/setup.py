@@ -8,13 +8,13 @@ from typing import Any, Optional
 import torch
 
 from ..augment import BatchAugment, MixThenErase, MixupCutmix
-from ..augment.reference import torchvision_train_transform
 from ..config import TRANSFORM_FIELDS, TrainConfig
 from ..data import load_data, normalization, resolve_data_root
 from ..data.dataset import ImageDataset
 from ..data.provenance import verify_data
 from ..data.loaders import DeviceLoader, TorchvisionLoader
 from ..errors import ConfigError
+from ..lazy import lazy_function
 from ..models import build_model, with_preset_shape
 from ..runtime import PRECISION_AMP, PRECISIONS, compile_model, configure_device, resolve_device, resolve_precision
 from ..weights import load_pretrained_into
@@ -22,6 +22,9 @@ from . import distributed as ddp
 from .distributed import SINGLE, Dist
 from .precision import choose_precision
 from .step import TrainStep
+
+# torchvision loads only for --loader torchvision
+torchvision_train_transform = lazy_function("isoconv.augment.reference", "torchvision_train_transform")
 
 
 @dataclass
