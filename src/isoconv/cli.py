@@ -23,7 +23,7 @@ from .config import add_setting_flags, build_config, list_recipes, load_recipe, 
 from .errors import Interrupted, UserError
 from .fileio import atomic_write, describe_file
 from .eval.run import evaluate_target
-from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
+from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report, cmd_tune
 from .experiments.published import figures_text
 from .experiments.tracking import publish_tracked
 from .fileio import DISK_FULL, folders_to_create, remove_empty_folders
@@ -341,7 +341,7 @@ def cmd_export(args) -> int:
 
 
 COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench,
-            "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate, "report": cmd_report,
+            "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate, "report": cmd_report, "tune": cmd_tune,
             "doctor": cmd_doctor}
 
 
