@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import random
 import socket
 import time
 import warnings
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "tune.json"
 JOURNAL = "journal.log"
+STORAGE_ATTEMPTS = 8
 TRIALS = "trials"
 BEST_RECIPE = "best.yaml"
 BEST_RUN = "best"
@@ -119,13 +121,20 @@ def make_pruner(optuna, spec: TuneSpec):
 def open_study(job: StudyJob, salt: int = 0):
     optuna = optuna_module()
     spec = job.spec
-    try:
-        study = optuna.create_study(study_name=job.study_name, storage=open_storage(optuna, job), direction="maximize",
-                                    sampler=make_sampler(optuna, spec, salt), pruner=make_pruner(optuna, spec),
-                                    load_if_exists=True)
-    except (ImportError, ValueError) as e:  # an unusable --storage URL or a missing database driver
-        raise UserError(f"--storage {job.storage}: {str(e).splitlines()[0]}; pass sqlite:///PATH.db or another "
-                        f"SQLAlchemy URL") from None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            study = optuna.create_study(study_name=job.study_name, storage=open_storage(optuna, job),
+                                        direction="maximize", sampler=make_sampler(optuna, spec, salt),
+                                        pruner=make_pruner(optuna, spec), load_if_exists=True)
+            break
+        except (ImportError, ValueError) as e:  # an unusable --storage URL or a missing database driver
+            raise UserError(f"--storage {job.storage}: {str(e).splitlines()[0]}; pass sqlite:///PATH.db or another "
+                            f"SQLAlchemy URL") from None
+        except Exception as e:  # two processes creating one new database's tables at once: the later one retries
+            if attempt + 1 == STORAGE_ATTEMPTS or not any(w in str(e) for w in ("already exists", "locked",
+                                                                                 "UNIQUE constraint")):
+                raise
+            time.sleep(0.2 + random.random())
     space = study.user_attrs.get("space")
     if space is None:
         study.set_user_attr("space", spec.space_record())
