@@ -18,7 +18,14 @@ import yaml
 from isoconv.cli import main
 from isoconv.config import TrainConfig
 from isoconv.data import load_data
-from isoconv.experiments.tune_spec import load_tune_spec
+from isoconv.train import loop
+from isoconv.train.tracking import NoLogger
+from isoconv.experiments import tune
+from isoconv.experiments.tune import make_pruner, make_sampler
+from isoconv.experiments.tune_spec import load_tune_spec, trial_config
+
+# one thread: on a busy 2-core box a 2-thread OpenMP op on these tiny tensors is many times slower
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PER_BATCH, TEST_IMAGES = 60, 100  # 300 training images, 10 classes
@@ -66,15 +73,10 @@ def lr_spec(path: Path, **extra) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lr_study(easy_data, tmp_path_factory):
+def lr_study(easy_data, tmp_path_factory, one_cpu_thread):
     tmp = tmp_path_factory.mktemp("lr-study")
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp / "study"
-        code = main(["tune", str(lr_spec(tmp / "lr.yaml")), "--data-dir", str(easy_data), "--out", str(out)])
-    finally:
-        torch.set_num_threads(prev)
+    out = tmp / "study"
+    code = main(["tune", str(lr_spec(tmp / "lr.yaml")), "--data-dir", str(easy_data), "--out", str(out)])
     return code, out
 
 
@@ -248,3 +250,58 @@ def test_two_processes_share_one_study_without_duplicates(easy_data, tmp_path):
     assert len({t.user_attrs["owner"]["pid"] for t in real}) == 2  # both processes ran trials
     for t in real:
         assert len(metric_rows(tmp_path / "study" / t.user_attrs["run_dir"])) == 8
+
+
+def test_trial_and_final_configs(tmp_path):
+    spec = load_tune_spec(str(write_spec(tmp_path / "s.yaml", base="cpu-quick", settings={"epochs": 3},
+                                         budget_seconds=60, val_split=0.15,
+                                         space={"lr_max": {"log": [1e-4, 1e-1]}, "depth": {"int": [2, 6]}})))
+    trial = trial_config(spec, {"lr_max": 0.003, "depth": 4}, {"device": "cpu"})
+    assert (trial.lr_max, trial.depth, trial.epochs, trial.model) == (0.003, 4, 3, "cm-cpu")  # recipe <- settings
+    assert trial.val_split == 0.15 and trial.time_budget == 60 and trial.device == "cpu"
+    final = trial_config(spec, {"lr_max": 0.003, "depth": 4}, final=True)
+    assert final.val_split is None and final.time_budget is None and final.lr_max == 0.003
+
+
+def test_pruner_and_sampler_choices(tmp_path):
+    kinds = {}
+    for pruner, sampler in (("asha", "tpe"), ("median", "random"), ("none", "qmc")):
+        spec = load_tune_spec(str(write_spec(tmp_path / f"{pruner}.yaml", base="cpu-quick", pruner=pruner,
+                                             sampler=sampler, min_epochs=2, space={"wd": {"float": [0.0, 0.1]}})))
+        kinds[pruner] = (type(make_pruner(optuna, spec)).__name__, type(make_sampler(optuna, spec, 0)).__name__)
+    assert kinds == {"asha": ("SuccessiveHalvingPruner", "TPESampler"), "median": ("MedianPruner", "RandomSampler"),
+                     "none": ("NopPruner", "QMCSampler")}
+
+
+def test_grid_sampler_needs_choices_and_tuned_settings_stay_off_the_command_line(tmp_path, capsys):
+    spec = write_spec(tmp_path / "g.yaml", base="cpu-quick", sampler="grid", space={"lr_max": {"log": [1e-4, 1e-1]}})
+    assert main(["tune", str(spec), "--out", str(tmp_path / "o")]) == 2
+    assert "`sampler: grid` in tuning spec" in capsys.readouterr().err
+    spec = write_spec(tmp_path / "c.yaml", base="cpu-quick", space={"lr_max": {"log": [1e-4, 1e-1]}})
+    assert main(["tune", str(spec), "--set", "lr_max=0.1", "--out", str(tmp_path / "o")]) == 2
+    assert "lr_max is tuned by" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_track_mlflow_parent_run_with_a_child_per_trial(easy_data, tmp_path, monkeypatch):
+    """tune's side of --track mlflow: one parent (the study), a child per trial opened before it trains, with the
+    trial's settings, published when it finishes. The MLflow calls are recorded here instead of made (they are
+    the ones `isoconv ablate` uses; tests/test_tracking.py runs them against a real MLflow server)."""
+    calls = []
+    monkeypatch.setattr(tune, "open_sweep", lambda d, name, params, uri: calls.append(("sweep", name, uri))
+                        or (uri, "PARENT"))
+    monkeypatch.setattr(tune, "open_child", lambda d, name, config, uri, parent: calls.append(
+        ("child", name, parent, config["lr_max"], config["tracking_uri"], Path(d).name)))
+    monkeypatch.setattr(tune, "publish_run", lambda d: calls.append(("publish", Path(d).name)))
+    monkeypatch.setattr(tune, "publish_sweep", lambda d, failed: calls.append(("publish sweep", failed)))
+    monkeypatch.setattr(loop, "open_tracker", lambda cfg, run, enabled=True: NoLogger())
+    spec = write_spec(tmp_path / "tracked.yaml", settings={**TINY, "epochs": 2}, trials=2, sampler="random",
+                      pruner="none", space={"lr_max": {"log": [3e-3, 3e-2]}})
+    out = tmp_path / "study"
+    assert main(["tune", str(spec), "--data-dir", str(easy_data), "--out", str(out), "--no-retrain",
+                 "--track", "mlflow", "--tracking-uri", "http://mlflow.invalid:5000"]) == 0
+    lrs = [yaml.safe_load((out / f"trials/000{n}/config.yaml").read_text())["lr_max"] for n in (0, 1)]
+    assert calls == [("sweep", "tracked", "http://mlflow.invalid:5000"),
+                     ("child", "trial0", "PARENT", lrs[0], "http://mlflow.invalid:5000", "0000"), ("publish", "0000"),
+                     ("child", "trial1", "PARENT", lrs[1], "http://mlflow.invalid:5000", "0001"), ("publish", "0001"),
+                     ("publish sweep", 0)]

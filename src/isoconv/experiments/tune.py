@@ -58,6 +58,7 @@ TRIALS = "trials"
 BEST_RECIPE = "best.yaml"
 BEST_RUN = "best"
 PROVENANCE = ("recipe", "description", "note", "published")
+EVALUATION = ("val_split", "test_subset", "test_split")  # what scores a run, not how it trains: not in best.yaml
 TEST_NOTE = {False: "the test set was read once, after tuning on the validation split",
              True: "the trials were scored on the test set too, so this figure is optimistic"}
 
@@ -103,8 +104,10 @@ def make_sampler(optuna, spec: TuneSpec, salt: int):
     seed = spec.seed + salt
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if spec.sampler == "qmc":
-        return optuna.samplers.QMCSampler(seed=spec.seed, scramble=True, warn_asynchronous_seeding=False)
+    if spec.sampler == "qmc":  # the same scrambled sequence in every process: each trial takes its own point
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(seed=spec.seed, scramble=True, warn_asynchronous_seeding=False)
     if spec.sampler == "grid":
         return optuna.samplers.GridSampler({n: list(p.choices) for n, p in spec.space.items()}, seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -361,7 +364,8 @@ def run_study(spec: TuneSpec, *, out: Optional[Path] = None, storage: Optional[s
     log.info(f"study {name} in {study_dir}: {spec.trials} trial(s) requested, {done} finished; "
              + (f"trials are scored on the test set (the spec says `tune_on_test: true`)" if spec.on_test else
                 f"trials are scored on {spec.val_split:.0%} of the training images held out as a validation split "
-                f"(fixed seed); the test set is used once, for the retrained best configuration"))
+                f"(fixed seed); " + ("the test set is used once, for the retrained best configuration" if retrain
+                                     else "the test set is not read (--no-retrain)")))
     started = time.perf_counter()
     workers = parallel if launcher == "local" else max(1, parallel)
     if not study_complete(study.get_trials(deepcopy=False), spec.trials):
@@ -493,11 +497,11 @@ def write_plots(optuna, study, study_dir: Path) -> list[Path]:
 
 def recipe_dict(cfg: TrainConfig, description: str, tuned: tuple = ()) -> dict:
     """The settings of cfg that a recipe carries: the tuned ones, and those not at TrainConfig's default (runtime
-    ones aside)."""
+    ones and the choice of evaluation images aside)."""
     default = TrainConfig()
     out = {"description": description}
     for name in SETTINGS:
-        if name in RUNTIME_FIELDS or name in PROVENANCE:
+        if name in RUNTIME_FIELDS or name in PROVENANCE or name in EVALUATION:
             continue
         value = getattr(cfg, name)
         if value != getattr(default, name) or name in tuned:
