@@ -300,7 +300,8 @@ def run_worker(job: StudyJob, threads: int, stop_after: Optional[int] = None) ->
     """One worker: run the study's trials until it has its number (counted over every process). Signature of a
     launcher's work function (`launchers.run_with_ray/slurm`, `ablate.execute`); `stop_after` is unused."""
     torch.set_num_threads(threads)
-    optuna, study = open_study(job, salt=1000 * job.worker + os.getpid() % 1000)
+    # reproducible in one process; separate commands sharing a --storage draw different points
+    optuna, study = open_study(job, salt=1000 * job.worker + (os.getpid() % 1000 if job.storage else 0))
     n_trials, mine = job.spec.trials, []
 
     def objective(trial):
