@@ -487,7 +487,7 @@ def test_dataset_option_errors(tmp_path, cifar100_root):
         load_dataset("imagenet", tmp_path, "train")
     with pytest.raises(ConfigError, match=r"--label-type coarse applies only to --dataset cifar100"):
         load_dataset("tiny-imagenet", tmp_path, "train", label_type="coarse")
-    with pytest.raises(ConfigError, match=r"--val-split applies only to --dataset folder"):
+    with pytest.raises(ConfigError, match=r"val_split applies only to the folder dataset"):
         load_dataset("cifar100", cifar100_root, "train", val_split=0.1)
     assert len(load_dataset("CIFAR_100", cifar100_root, "test", download=False)) == CIFAR100_TEST
 

@@ -21,7 +21,7 @@ from .config import (DATASET_CHOICES, RESUME_FREE_FIELDS, add_setting_flags, bui
                      settings_from_args)
 from .errors import Interrupted, UserError
 from .fileio import atomic_write, describe_file
-from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
+from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report, cmd_tune
 from .experiments.published import figure_note, figures_text
 from .fileio import DISK_FULL, folders_to_create, remove_empty_folders
 from .formats import DEFAULT_HOST, DEFAULT_PORT, EXPORT_FORMATS, FOLDER_FORMAT, MAX_UPLOAD_BYTES
@@ -422,9 +422,8 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"models": cmd_models, "recipes": cmd_recipes, "zoo": cmd_zoo, "train": cmd_train, "eval": cmd_eval,
-            "bench": cmd_bench,
-            "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate, "report": cmd_report,
-            "doctor": cmd_doctor, "serve": cmd_serve}
+            "bench": cmd_bench, "predict": cmd_predict, "export": cmd_export, "ablate": cmd_ablate,
+            "report": cmd_report, "tune": cmd_tune, "doctor": cmd_doctor, "serve": cmd_serve}
 
 
 class _Console(logging.Handler):

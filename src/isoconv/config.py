@@ -107,7 +107,9 @@ class TrainConfig:
     label_type: str = setting("fine", "CIFAR-100 fine (100) or coarse (20) labels", role="data",
                               choices=LABEL_TYPE_CHOICES)
     image_size: Optional[int] = setting(help="resize images to this size once at decode time", role="data", above=0)
-    val_split: Optional[float] = setting(help="folder dataset without val/: hold out this fraction", role="data",
+    val_split: Optional[float] = setting(help="hold out this fraction of the training images (fixed seed) and "
+                                         "evaluate on it instead of the test set (a folder dataset without val/: "
+                                         "that part is its test set)", role="data",
                                          above=0, below=1)
     skip_bad_images: bool = setting(False, "skip and count unreadable images instead of failing", role="runtime")
     pad_to: Optional[int] = setting(help="zero-pad every image (train and test) to this side, centred: what "

@@ -15,7 +15,7 @@ from .cifar100 import load_cifar100
 from .dataset import ImageDataset
 from .folder import load_folder
 from .root import resolve_data_root
-from .splits import Stats, select_test_split
+from .splits import Stats, holdout_indices, select_test_split
 from .tinyimagenet import TINY_IMAGENET_FOLDER, load_tiny_imagenet
 
 DATASETS = DATASET_CHOICES
@@ -48,7 +48,8 @@ def load_dataset(name: str, root: Union[str, Path], split: str, download: bool =
     if label_type != "fine" and dataset != "cifar100":
         raise ConfigError(f"--label-type {label_type} applies only to --dataset cifar100, not {dataset}")
     if val_split is not None and dataset != "folder":
-        raise ConfigError(f"--val-split applies only to --dataset folder ({dataset} has its own test split)")
+        raise ConfigError(f"load_dataset's val_split applies only to the folder dataset; for {dataset} the held-out "
+                          f"part is taken by load_data (--val-split)")
     if image_size is not None and image_size < 1:
         raise ConfigError(f"--image-size must be positive, got {image_size}")
     if dataset == "cifar10":
@@ -102,18 +103,29 @@ def load_data(cfg: TrainConfig, device: torch.device, train: bool = True, norm: 
     model's) when train=False. --test-split half / xl-half keep a fixed half of it before --test-subset.
     --no-normalize: the statistics are mean 0, std 1, so every consumer of them (augmentation, evaluation, the
     checkpoint) feeds raw [0, 1] pixels.
+    --val-split F: a fixed-seed fraction F of the training images is held out and evaluated instead of the test
+    set, which is then never read (the folder dataset does this itself: without val/ that part is its test set).
     """
     root = resolve_data_root(cfg.data_dir)
+    dataset = canonical_name(cfg.dataset)
+    holdout = cfg.val_split is not None and dataset != "folder"
     opts = dict(download=cfg.download, label_type=cfg.label_type, image_size=cfg.image_size,
-                val_split=cfg.val_split, skip_bad_images=cfg.skip_bad_images)
+                val_split=None if holdout else cfg.val_split, skip_bad_images=cfg.skip_bad_images)
     train_ds = None
     with FailedLoadCleanup(decode_cache(cfg.dataset, root)):  # bad data: no cache of it is left behind
-        if train:
-            train_ds = load_dataset(cfg.dataset, root, "train", **opts)
-            train_ds = normalization(train_ds, cfg)
-            norm = (train_ds.mean, train_ds.std)
-            train_ds = train_ds.subset(cfg.train_subset)
-        test = load_dataset(cfg.dataset, root, "test", norm=norm, **opts)
+        if holdout:
+            full = load_dataset(cfg.dataset, root, "train", norm=norm if not train else None, **opts)
+            full = normalization(full, cfg) if train else full
+            kept, held = holdout_indices(len(full), cfg.val_split)
+            train_ds = full.select(kept).subset(cfg.train_subset) if train else None
+            test = replace(full.select(held), split="val")
+        else:
+            if train:
+                train_ds = load_dataset(cfg.dataset, root, "train", **opts)
+                train_ds = normalization(train_ds, cfg)
+                norm = (train_ds.mean, train_ds.std)
+                train_ds = train_ds.subset(cfg.train_subset)
+            test = load_dataset(cfg.dataset, root, "test", norm=norm, **opts)
     test = replace(test, split_images=len(test))
     test = select_test_split(test, cfg.test_split)
     if cfg.pad_to:

@@ -186,13 +186,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def execute(todo: list[PlannedRun], *, parallel: int, stop_after, on_finish) -> list[tuple[PlannedRun, str, str]]:
+def execute(todo: list[PlannedRun], *, parallel: int, stop_after, on_finish,
+            work=run_in_subprocess) -> list[tuple[PlannedRun, str, str]]:
+    """Run `work(r.config, threads, stop_after)` for each run, `parallel` processes at a time (`isoconv tune` passes
+    its study workers as the runs)."""
     outcomes = []
     if parallel <= 1 or len(todo) <= 1:
         for r in todo:
             log.info(f"[{r.label}] training in {r.run_dir}")
             with training_log_copy(r.run_dir):
-                state, message = train_one(r.config, stop_after)
+                state, message = (train_one(r.config, stop_after) if work is run_in_subprocess
+                                  else work(r.config, torch.get_num_threads(), stop_after))
             outcomes.append((r, state, message))
             on_finish(r, state, message)
         return outcomes
@@ -201,7 +205,7 @@ def execute(todo: list[PlannedRun], *, parallel: int, stop_after, on_finish) -> 
     log.info(f"running {len(todo)} runs, {workers} at a time with {threads} CPU thread(s) each; "
         f"logs in each run folder's ablate.log")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_in_subprocess, r.config, threads, stop_after): r for r in todo}
+        futures = {pool.submit(work, r.config, threads, stop_after): r for r in todo}
         try:
             for fut in as_completed(futures):
                 r = futures[fut]

@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -226,11 +226,14 @@ def config_file_edits(run: RunDir, saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig, *, resume: Optional[Path] = None, stop_after: Optional[int] = None,
-          resume_state: Optional[dict] = None) -> Optional[dict[str, Any]]:
+          resume_state: Optional[dict] = None,
+          on_epoch: Optional[Callable[[dict], None]] = None) -> Optional[dict[str, Any]]:
     """Train (or resume) a run and return its summary; everything is also written to the run directory.
 
     stop_after=N stops after epoch N with a checkpoint but no summary (the run stays resumable).
     resume_state: the checkpoint of `resume` when the caller has already loaded it (it is not read again).
+    on_epoch(row): called with each finished epoch's metrics row after its checkpoint is written (rank 0 only);
+    an exception it raises stops the run there, resumable (`isoconv tune` reports to its pruner this way).
     Under torchrun every process calls this (DDP); only rank 0 logs and writes files, the others return None.
     """
     ddp.check_batch_divides(cfg.batch_size, ddp.world_from_env().world_size)
@@ -250,7 +253,7 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, stop_after: Option
     with ddp.process_group(cfg.device) as dist:
         try:
             with run.locked() if dist.is_main else nullcontext():
-                return _setup_and_train(cfg, dist, run, start_state, resume, stop_after, created)
+                return _setup_and_train(cfg, dist, run, start_state, resume, stop_after, created, on_epoch)
         except Exception as e:
             if dist.enabled and not isinstance(e, UserError) and ddp.is_collective_failure(e):
                 hint = (f"continue from its last checkpoint with `-m isoconv train --resume {run}`"
@@ -259,10 +262,11 @@ def train(cfg: TrainConfig, *, resume: Optional[Path] = None, stop_after: Option
             raise
 
 
-def _setup_and_train(cfg, dist: Dist, run: RunDir, start_state, resume, stop_after, created_dir: bool):
+def _setup_and_train(cfg, dist: Dist, run: RunDir, start_state, resume, stop_after, created_dir: bool,
+                     on_epoch=None):
     try:
         training = build_training(cfg, resuming=start_state is not None, dist=dist)
-        return _train(training, run, start_state, stop_after)
+        return _train(training, run, start_state, stop_after, on_epoch)
     except BaseException as e:
         if dist.is_main and resume is None and not run.checkpoint.exists():
             run.remove_unfinished(created_dir)
@@ -338,7 +342,7 @@ def record_epoch(t: Training, run: RunDir, row: dict, sinks: Sinks, train_second
     info(format_row(row))
 
 
-def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Optional[int]):
+def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Optional[int], on_epoch=None):
     cfg, dist, device, loader = t.cfg, t.dist, t.device, t.loader
     info = log.info if dist.is_main else (lambda *_: None)
     steps_per_epoch = len(loader)
@@ -422,6 +426,8 @@ def _train(t: Training, run: RunDir, start_state: Optional[dict], stop_after: Op
             signum = stop.epoch_end()  # also waits for rank 0's checkpoint
             if signum is not None:
                 raise interrupted(signum, run.path, epoch + 1, 0)
+            if on_epoch is not None and dist.is_main:
+                on_epoch(row)
             last_epoch_wall = time.perf_counter() - epoch_started
             if budget_stop:
                 break
