@@ -482,7 +482,7 @@ def test_folder_structure_errors(tiny_imagenet_root, tmp_path):
 
 
 def test_dataset_option_errors(tmp_path, cifar100_root):
-    with pytest.raises(UserError, match=r"unknown dataset 'imagenet'; choose one of: cifar10, cifar100, "
+    with pytest.raises(UserError, match=r"unknown dataset 'imagenet'; choose one of: cifar10, cifar10-lossless, cifar100, "
                                         r"tiny-imagenet, folder"):
         load_dataset("imagenet", tmp_path, "train")
     with pytest.raises(ConfigError, match=r"--label-type coarse applies only to --dataset cifar100"):

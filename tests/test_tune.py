@@ -295,6 +295,7 @@ def test_track_mlflow_parent_run_with_a_child_per_trial(easy_data, tmp_path, mon
     monkeypatch.setattr(tune, "publish_run", lambda d: calls.append(("publish", Path(d).name)))
     monkeypatch.setattr(tune, "publish_sweep", lambda d, failed: calls.append(("publish sweep", failed)))
     monkeypatch.setattr(loop, "open_tracker", lambda cfg, run, enabled=True: NoLogger())
+    monkeypatch.setattr(loop, "check_tracking", lambda uri: uri)  # no server behind the recorded calls
     spec = write_spec(tmp_path / "tracked.yaml", settings={**TINY, "epochs": 2}, trials=2, sampler="random",
                       pruner="none", space={"lr_max": {"log": [3e-3, 3e-2]}})
     out = tmp_path / "study"
