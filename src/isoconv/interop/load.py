@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
+from ..config import MODEL_KWARGS
 from ..data.cifar import CIFAR10_MEAN, CIFAR10_STD
 from ..errors import UserError
 from ..models import create_model
@@ -25,7 +26,7 @@ from ..runtime import resolve_device
 from ..weights.checkpoint import load_checkpoint
 from ..rundir import CHECKPOINT_NAME
 from ..weights.files import INSTALL_HINT, model_format, read_safetensors, strip_wrapper_prefixes
-from ..weights.meta import META_KEY, ModelMeta
+from ..weights.meta import META_KEY, PREPROCESS_KEY, ModelMeta, Preprocessing
 from ..weights.pretrained import foreign_layout, load_pretrained_into
 from .preprocess import Preprocess
 
@@ -39,10 +40,11 @@ class LoadedModel(NamedTuple):
     preprocess: Preprocess
 
 
-# The seeds' own saved files (the XL study's, simple-convnext's) were trained on CIFAR-10-sized images; the XL study
-# normalized with the CIFAR-10 statistics, simple-convnext did not normalize at all.
+# The seeds' own saved files (the XL study's, simple-convnext's) were trained on CIFAR-10 images: the XL study's at
+# 32x32 normalized with the CIFAR-10 statistics, simple-convnext's zero-padded to 64x64 (its CenterCrop(64)) and not
+# normalized at all.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-UNNORMALIZED_LAYOUTS = ("simple-convnext layout",)
+SEED_PREPROCESSING = {"simple-convnext layout": Preprocessing(32, 64, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
 def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", model: Optional[str] = None,
@@ -57,12 +59,14 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", model
     """
     dev = resolve_device(device)
     if model is not None and foreign_layout(path) is not None:
-        return load_foreign(Path(path), dev, model, model_kwargs)
-    net, meta = read_model(Path(path), dev)
+        net, meta = read_foreign(Path(path), dev, model, model_kwargs)
+    else:
+        net, meta = read_model(Path(path), dev)
     return LoadedModel(net, preprocess_for(meta))
 
 
-def load_foreign(path: Path, device: torch.device, name: str, model_kwargs: dict) -> LoadedModel:
+def read_foreign(path: Path, device: torch.device, name: str, model_kwargs: dict) -> tuple[nn.Module, ModelMeta]:
+    """A seed's own file (or other bare weights) in preset `name`, with the metadata of the seed's training."""
     layout = foreign_layout(path)
     net = create_model(name, **model_kwargs)
     report = load_pretrained_into(net, path)
@@ -70,17 +74,20 @@ def load_foreign(path: Path, device: torch.device, name: str, model_kwargs: dict
         raise UserError(f"{path} holds a classifier for another number of classes than {name!r} has "
                         f"({net.num_classes}); pass num_classes=N, N being the file's class count")
     n = net.num_classes
-    plain = layout in UNNORMALIZED_LAYOUTS
-    data = {"classes": list(CIFAR10_CLASSES) if n == 10 else [str(i) for i in range(n)],
-            "mean": [0.0] * 3 if plain else list(CIFAR10_MEAN), "std": [1.0] * 3 if plain else list(CIFAR10_STD),
-            "image_size": model_kwargs.get("image_size") or 32, "dataset": "cifar10"}
-    meta = ModelMeta({"model": name}, data)
-    return LoadedModel(net.to(device).eval(), preprocess_for(meta))
+    size = model_kwargs.get("image_size") or 32
+    pre = SEED_PREPROCESSING.get(layout, Preprocessing(size, None, CIFAR10_MEAN, CIFAR10_STD))
+    data = {"classes": list(CIFAR10_CLASSES) if n == 10 else [str(i) for i in range(n)], "mean": list(pre.mean),
+            "std": list(pre.std), "image_size": pre.input_size, "dataset": "cifar10", PREPROCESS_KEY: pre.to_dict()}
+    settings = {setting: model_kwargs[kwarg] for setting, kwarg in MODEL_KWARGS.items() if kwarg in model_kwargs}
+    config = {"model": name, "pad_to": pre.pad_to, **settings}  # shapes without a setting (dims) are left out
+    return net.to(device).eval(), ModelMeta(config, data)
 
 
 def preprocess_for(meta: ModelMeta) -> Preprocess:
-    return Preprocess(image_size=meta.image_size, mean=tuple(meta.data["mean"]), std=tuple(meta.data["std"]),
-                      classes=tuple(meta.classes))
+    """The inference preprocessing of a model: its training's (ModelMeta.preprocessing)."""
+    pre = meta.preprocessing
+    return Preprocess(image_size=pre.image_size, mean=pre.mean, std=pre.std, classes=tuple(meta.classes),
+                      pad_to=pre.pad_to)
 
 
 def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
