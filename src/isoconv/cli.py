@@ -27,7 +27,8 @@ from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report
 from .experiments.published import figures_text
 from .experiments.tracking import publish_tracked
 from .fileio import DISK_FULL, folders_to_create, remove_empty_folders
-from .interop.export import MATCH_TOLERANCE, export_target
+from .interop.export import FORMATS, MATCH_TOLERANCE, ONNX_EXPORTERS, export_target
+from .interop.quantize import CALIBRATION_IMAGES
 from .malloc_tuning import tune_allocator
 from .interop.predict import format_csv, format_json, format_table, predict_files
 from .models import list_models, model_info
@@ -107,17 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", nargs="?", const=DEPRECATED_SWITCH,
                    help="also write the predictions as JSON to PATH (as in eval and bench)")
     p.add_argument("--csv", action="store_true", help=argparse.SUPPRESS)  # old spelling of --format csv
-    p = sub.add_parser("export", help="export a run's model as ONNX, TorchScript or safetensors (config inside)")
-    p.add_argument("target", metavar="RUN_DIR", help="run directory, checkpoint or isoconv .safetensors file")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
-    p.add_argument("--output", metavar="FILE", help="output file (default: model.onnx, model.torchscript.pt or "
-                   "model.safetensors next to the weights)")
+    p = sub.add_parser("export", help="export a run's model as ONNX (fp32 or INT8), a torch.export program (pt2), "
+                       "TorchScript (deprecated) or safetensors, config and preprocessing inside")
+    p.add_argument("target", metavar="RUN_DIR", help="finished run directory, checkpoint or isoconv .safetensors file")
+    p.add_argument("--format", required=True, metavar="{" + ",".join(FORMATS) + "}",  # checked by export_target
+                   help="onnx (torch.onnx dynamo exporter), pt2 (torch.export.save; torch.export.load runs it), "
+                        "torchscript (deprecated: torch.jit is retired in favour of torch.export; use pt2), "
+                        "safetensors (weights + config)")
+    p.add_argument("--output", metavar="FILE", help="output file (default: model.onnx, model.int8.onnx, model.pt2, "
+                   "model.torchscript.pt or model.safetensors next to the weights)")
     p.add_argument("--out", dest="old_out", metavar="FILE", help=argparse.SUPPRESS)  # old spelling of --output
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="ONNX: fix the batch size to N (default: any batch size)")
     p.add_argument("--static-batch", action="store_true", help="ONNX: fix the batch size (to --batch-size, default 1)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="ONNX: any batch size (the default; kept for older command lines)")
+    p.add_argument("--onnx-exporter", metavar="{" + ",".join(ONNX_EXPORTERS) + "}", default="dynamo",
+                   help="ONNX: torch.onnx.export(dynamo=True) (default) or the legacy TorchScript-based exporter, "
+                        "kept while torch ships it")
+    p.add_argument("--int8", action="store_true", help="ONNX: static post-training INT8 quantization (onnxruntime "
+                   "QDQ, per-channel weights) calibrated on training images of the run's dataset")
+    p.add_argument("--quantize", choices=["int8"], help="same as --int8")
+    p.add_argument("--data-dir", metavar="DIR", help="--int8: where the run's dataset is (default: the run's)")
+    p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES, metavar="N",
+                   help=f"--int8: calibrate on the first N training images (default {CALIBRATION_IMAGES})")
     return parser
 
 
@@ -330,11 +344,16 @@ def cmd_export(args) -> int:
         output = args.old_out
     if output is not None:
         check_output_file(output, "--output", parents_created=True)
-    result = export_target(args.target, args.format, output, batch_size=batch_size)
+    if args.format == "torchscript":
+        deprecated("export --format torchscript (torch.jit)", "--format pt2 (torch.export)")
+    int8 = args.int8 or args.quantize == "int8"
+    result = export_target(args.target, args.format, output, batch_size=batch_size, exporter=args.onnx_exporter,
+                           int8=int8, data_dir=args.data_dir, calibration_images=args.calibration_images)
     batch = "any batch size" if result.dynamic_batch else f"batch size {result.batch_size}"
+    what = f"{args.format}, INT8" if result.int8 else args.format
     check = "" if args.format == "safetensors" else f"; max abs diff vs PyTorch {result.max_abs_diff:.1e}"
-    print(f"wrote {result.path} ({args.format}, {batch}{check})")
-    if result.max_abs_diff > MATCH_TOLERANCE:
+    print(f"wrote {result.path} ({what}, {batch}{check}{' from quantization' if result.int8 else ''})")
+    if result.max_abs_diff > MATCH_TOLERANCE and not result.int8:
         print(f"isoconv: warning: the exported model differs from PyTorch by {result.max_abs_diff:.2e} "
               f"(more than {MATCH_TOLERANCE}); please report this", file=sys.stderr)
     return 0

@@ -1,7 +1,7 @@
 """`isoconv.load(path)`: a ready model in eval mode plus its preprocessing, from any file isoconv writes.
 
 Accepted: a run directory (its last.pt), an isoconv checkpoint, and the exports of `isoconv export` —
-`.safetensors`, `.onnx` (run with onnxruntime, wrapped as an nn.Module) and TorchScript. The format is
+`.safetensors`, `.onnx` (run with onnxruntime, wrapped as an nn.Module), `.pt2` (torch.export) and TorchScript. The format is
 recognised from the content where the suffix is ambiguous (TorchScript files are often named .pt too).
 
 Bare weights without isoconv metadata (a timm state dict, the seeds' own checkpoints: the ConvMixer-XL study's
@@ -30,7 +30,7 @@ from ..weights.meta import META_KEY, PREPROCESS_KEY, ModelMeta, Preprocessing
 from ..weights.pretrained import foreign_layout, load_pretrained_into
 from .preprocess import Preprocess
 
-TORCHSCRIPT_META_FILE = "isoconv.json"
+EXTRA_META_FILE = "isoconv.json"  # the metadata file inside TorchScript and pt2 archives
 
 
 class LoadedModel(NamedTuple):
@@ -98,6 +98,8 @@ def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
         return model.eval(), model.meta
     if fmt == "torchscript":
         return read_torchscript(path, device)
+    if fmt == "pt2":
+        return read_exported_program(path, device)
     if fmt == "safetensors":
         state, meta = read_safetensors(path)
         if meta is None:
@@ -138,19 +140,36 @@ def build_with_weights(meta: ModelMeta, state: dict[str, torch.Tensor], source: 
 
 
 def read_torchscript(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
-    extra = {TORCHSCRIPT_META_FILE: ""}
+    extra = {EXTRA_META_FILE: ""}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated from torch 2.9 on
             model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except RuntimeError as e:
         raise UserError(f"cannot load TorchScript file {path} ({str(e).strip().splitlines()[0][:160]})") from None
-    text = extra[TORCHSCRIPT_META_FILE]
+    text = extra[EXTRA_META_FILE]
     if not text:
-        raise UserError(f"TorchScript file {path} has no isoconv metadata ({TORCHSCRIPT_META_FILE}); export it "
+        raise UserError(f"TorchScript file {path} has no isoconv metadata ({EXTRA_META_FILE}); export it "
                         f"with `isoconv export --format torchscript`")
     text = text.decode() if isinstance(text, bytes) else text
     return model.eval(), ModelMeta.from_json(text, str(path))
+
+
+def read_exported_program(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
+    """A `torch.export.save` archive (isoconv export --format pt2) as a callable module, and its metadata."""
+    extra = {EXTRA_META_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path), extra_files=extra)
+    except Exception as e:  # torch.export raises many types for a damaged or foreign archive
+        raise UserError(f"cannot load torch.export file {path} ({str(e).strip().splitlines()[0][:160]})") from None
+    if not extra[EXTRA_META_FILE]:
+        raise UserError(f"torch.export file {path} has no isoconv metadata ({EXTRA_META_FILE}); export it with "
+                        f"`isoconv export --format pt2`")
+    text = extra[EXTRA_META_FILE]
+    text = text.decode() if isinstance(text, bytes) else text
+    return program.module().to(device), ModelMeta.from_json(text, str(path))
 
 
 def import_onnxruntime(purpose: str):
