@@ -330,6 +330,15 @@ def test_unfinished_run_unknown_format_and_int8_without_data_exit_2_leaving_no_f
     assert "--int8 needs calibration images" in err and str(empty) in err and "--data-dir" in err
     err = bad_export(["export", str(run), "--format", "pt2", "--int8"], capsys)
     assert "--int8 applies to --format onnx only" in err
+    err = bad_export(["export", str(run), "--format", "onnx", "--onnx-exporter", "jit"], capsys)
+    assert err == "isoconv: error: --onnx-exporter must be one of dynamo, legacy, got 'jit'"
     assert sorted(p.name for p in unfinished.iterdir()) == ["last.pt"]
     assert sorted(p.name for p in run.iterdir()) == ["last.pt", "report.txt", "summary.json"]
     assert sorted(p.name for p in empty.iterdir()) == []
+
+
+def test_export_errors_are_documented():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    for name in ("export of an unfinished run", "unknown export format", "INT8 without calibration data",
+                 "INT8 for another format", "unknown ONNX exporter"):
+        assert f"| {name} |" in doc, name

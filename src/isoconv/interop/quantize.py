@@ -10,6 +10,7 @@ on this project's models; the output here must also be an ONNX file that onnxrun
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -70,9 +71,14 @@ def quantize_onnx(model: bytes, calibration: torch.Tensor, input_name: str) -> b
     with tempfile.TemporaryDirectory(prefix="isoconv-int8-") as tmp:
         fp32, prepared, int8 = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         fp32.write_bytes(model)
-        quant_pre_process(str(fp32), str(prepared))
-        quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)  # onnxruntime warns on the root logger for each BatchNorm (per-tensor there)
+        try:
+            quant_pre_process(str(fp32), str(prepared))
+            quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         result = onnx.load(str(int8))
     if not any(p.key == META_KEY for p in result.metadata_props):
         result.metadata_props.extend(source.metadata_props)
