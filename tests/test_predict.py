@@ -157,7 +157,7 @@ def test_preprocess_resizes_like_the_decoder_for_paths_pil_and_tensors(run_dir, 
 @pytest.mark.parametrize("fmt,name", [("onnx", "model.onnx"), ("safetensors", "model.safetensors"),
                                       ("torchscript", "model.pt")])
 def test_exported_file_alone_predicts_like_the_run(run_dir, images, fmt, name, tmp_path, capsys):
-    exported = export_target(run_dir, fmt, tmp_path / "elsewhere" / name).path
+    exported = export_target(run_dir / "last.pt", fmt, tmp_path / "elsewhere" / name).path  # no summary: the checkpoint
     _, from_run, _ = run_cli(["predict", str(run_dir), str(images / "photos"), "--format", "json"], capsys)
     code, from_file, _ = run_cli(["predict", str(exported), str(images / "photos"), "--format", "json"], capsys)
     assert code == 1

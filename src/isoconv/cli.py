@@ -24,7 +24,8 @@ from .fileio import atomic_write, describe_file
 from .experiments.cli import add_experiment_parsers, cmd_ablate, cmd_report, cmd_tune
 from .experiments.published import figure_note, figures_text
 from .fileio import DISK_FULL, folders_to_create, remove_empty_folders
-from .formats import DEFAULT_HOST, DEFAULT_PORT, EXPORT_FORMATS, FOLDER_FORMAT, MAX_UPLOAD_BYTES
+from .formats import (CALIBRATION_IMAGES, DEFAULT_HOST, DEFAULT_PORT, EXPORT_FORMATS, FOLDER_FORMAT, MAX_UPLOAD_BYTES,
+                      ONNX_EXPORTERS)
 from .lazy import lazy_function, lazy_module
 from .malloc_tuning import tune_allocator
 from .models.presets import PRESETS, preset_params
@@ -137,15 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the predictions as JSON to PATH (as in eval and bench)")
     add_overwrite_flag(p)
     p.add_argument("--csv", action="store_true", help=argparse.SUPPRESS)  # old spelling of --format csv
-    p = sub.add_parser("export", help="export a run's model as ONNX, TorchScript or safetensors (config inside), "
-                       "or as a model folder in the Hugging Face Hub layout")
-    p.add_argument("target", metavar="RUN_DIR", help="run directory, checkpoint or isoconv .safetensors file")
-    p.add_argument("--format", required=True, metavar="|".join(EXPORT_FORMATS),
-                   help=f"{FOLDER_FORMAT}: config.json, model.safetensors and a README.md model card, from a finished "
-                   f"run")
-    p.add_argument("--output", metavar="FILE", help="output file (default: model.onnx, model.torchscript.pt or "
-                   f"model.safetensors next to the weights); the folder for --format {FOLDER_FORMAT} (default: "
-                   f"RUN_DIR/hf-model)")
+    p = sub.add_parser("export", help="export a run's model as ONNX (fp32 or INT8), a torch.export program (pt2), "
+                       "TorchScript (deprecated) or safetensors, config and preprocessing inside; or as a model "
+                       "folder in the Hugging Face Hub layout")
+    p.add_argument("target", metavar="RUN_DIR", help="finished run directory, checkpoint or isoconv .safetensors file")
+    p.add_argument("--format", required=True, metavar="{" + ",".join(EXPORT_FORMATS) + "}",  # checked by export
+                   help="onnx (torch.onnx dynamo exporter), pt2 (torch.export.save; torch.export.load runs it), "
+                        "torchscript (deprecated: torch.jit is retired in favour of torch.export; use pt2), "
+                        f"safetensors (weights + config), {FOLDER_FORMAT} (config.json, model.safetensors and a "
+                        f"README.md model card, from a finished run)")
+    p.add_argument("--output", metavar="FILE", help="output file (default: model.onnx, model.int8.onnx, model.pt2, "
+                   f"model.torchscript.pt or model.safetensors next to the weights); the folder for --format "
+                   f"{FOLDER_FORMAT} (default: RUN_DIR/hf-model)")
     p.add_argument("--out", dest="old_out", metavar="FILE", help=argparse.SUPPRESS)  # old spelling of --output
     add_overwrite_flag(p)
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
@@ -153,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-batch", action="store_true", help="ONNX: fix the batch size (to --batch-size, default 1)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="ONNX: any batch size (the default; kept for older command lines)")
+    p.add_argument("--onnx-exporter", metavar="{" + ",".join(ONNX_EXPORTERS) + "}", default="dynamo",
+                   help="ONNX: torch.onnx.export(dynamo=True) (default) or the legacy TorchScript-based exporter, "
+                        "kept while torch ships it")
+    p.add_argument("--int8", action="store_true", help="ONNX: static post-training INT8 quantization (onnxruntime "
+                   "QDQ, per-channel weights) calibrated on training images of the run's dataset")
+    p.add_argument("--quantize", choices=["int8"], help="same as --int8")
+    p.add_argument("--data-dir", metavar="DIR", help="--int8: where the run's dataset is (default: the run's)")
+    p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES, metavar="N",
+                   help=f"--int8: calibrate on the first N training images (default {CALIBRATION_IMAGES})")
     p = sub.add_parser("serve", help="a local web page to drop an image on and see the top-k classes (needs "
                        "pip install 'isoconv[serve]')")
     p.add_argument("target", metavar="MODEL", help="run directory, model folder, checkpoint, .safetensors, .onnx or "
@@ -395,11 +408,17 @@ def cmd_export(args) -> int:
         if output is not None and output != args.old_out:
             raise UserError(f"--out {args.old_out} contradicts --output {output}: pass --output only")
         output = args.old_out
-    result = export_target(args.target, args.format, output, batch_size=batch_size, overwrite=args.overwrite)
+    if args.format == "torchscript":
+        deprecated("export --format torchscript (torch.jit)", "--format pt2 (torch.export)")
+    int8 = args.int8 or args.quantize == "int8"
+    result = export_target(args.target, args.format, output, batch_size=batch_size, exporter=args.onnx_exporter,
+                           int8=int8, data_dir=args.data_dir, calibration_images=args.calibration_images,
+                           overwrite=args.overwrite)
     batch = "any batch size" if result.dynamic_batch else f"batch size {result.batch_size}"
+    what = f"{args.format}, INT8" if result.int8 else args.format
     check = "" if args.format == "safetensors" else f"; max abs diff vs PyTorch {result.max_abs_diff:.1e}"
-    print(f"wrote {result.path} ({args.format}, {batch}{check})")
-    if result.max_abs_diff > export.MATCH_TOLERANCE:
+    print(f"wrote {result.path} ({what}, {batch}{check}{' from quantization' if result.int8 else ''})")
+    if result.max_abs_diff > export.MATCH_TOLERANCE and not result.int8:
         print(f"isoconv: warning: the exported model differs from PyTorch by {result.max_abs_diff:.2e} "
               f"(more than {export.MATCH_TOLERANCE}); please report this", file=sys.stderr)
     return 0

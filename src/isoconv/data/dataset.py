@@ -10,6 +10,14 @@ import torch
 from ..errors import ConfigError, UserError
 
 
+def zero_pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (..., H, W) zero-padded to (..., size, size), centred (the extra row/column of an odd difference at
+    the bottom/right), as torchvision's CenterCrop pads when the crop is larger than the image."""
+    h, w = images.shape[-2:]
+    top, left = (size - h) // 2, (size - w) // 2
+    return torch.nn.functional.pad(images, (left, size - w - left, top, size - h - top))
+
+
 @dataclass(eq=False)  # tensors have no single truth value; compare fields explicitly
 class ImageDataset:
     """A whole split held in memory.
@@ -27,6 +35,7 @@ class ImageDataset:
     split: str
     skipped: Tuple[str, ...] = ()  # unreadable image files left out (--skip-bad-images)
     split_images: Optional[int] = None  # images in the whole split before a half or subset was taken (reports)
+    unpadded_size: Optional[int] = None  # the side of the images before `zero_padded` (None: not padded)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -56,9 +65,7 @@ class ImageDataset:
         if size < max(h, w):
             raise ConfigError(f"--pad-to {size} is smaller than the {h}x{w} images of {self.name}; pass at least "
                               f"{max(h, w)} (or --image-size to resize)")
-        top, left = (size - h) // 2, (size - w) // 2
-        padded = torch.nn.functional.pad(self.images, (left, size - w - left, top, size - h - top))
-        return replace(self, images=padded)
+        return replace(self, images=zero_pad(self.images, size), unpadded_size=self.unpadded_size or int(h))
 
     @property
     def num_classes(self) -> int:

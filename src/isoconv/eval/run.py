@@ -17,6 +17,7 @@ from ..runtime import PRECISIONS, resolve_device, resolve_precision
 from ..weights import load_checkpoint
 from ..weights.checkpoint import CorruptCheckpointError, previous_path
 from ..weights.files import model_format, read_model_folder
+from ..weights.meta import preprocessing_of
 from ..weights.model_folder import folder_summary, is_model_folder
 from .evaluate import evaluate, test_report
 
@@ -79,8 +80,14 @@ def evaluate_target(target: Path, *, data_dir: Optional[str] = None, download: b
     dev = resolve_device(cfg.device)
     precision = eval_precision(cfg.amp, dev, folder)
     meta = state.get("data") or {}
-    norm = (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") and meta.get("std") else None
-    _, test = load_data(cfg, dev, train=False, norm=norm)  # normalized as in training
+    pre = preprocessing_of(stored, meta) if meta.get("mean") and meta.get("std") else None  # the training's
+    if pre is not None:
+        cfg = apply_overrides(cfg, {"pad_to": pre.pad_to}, f"checkpoint {path}")
+    _, test = load_data(cfg, dev, train=False, norm=(pre.mean, pre.std) if pre else None)  # prepared as in training
+    if pre is not None and test.image_size != pre.input_size:
+        raise UserError(f"{path} was trained on {pre.input_size}x{pre.input_size} inputs but its {cfg.dataset} test "
+                        f"data makes {test.image_size}x{test.image_size}; pass --data-dir pointing to the data it "
+                        f"was trained on")
     if meta.get("classes") and list(meta["classes"]) != list(test.classes):
         raise UserError(f"{path} was trained on {len(meta['classes'])} classes ({', '.join(meta['classes'][:3])}, "
                         f"...) but the {cfg.dataset} test data has {test.num_classes} "

@@ -1,8 +1,8 @@
 """`isoconv.load(path)`: a ready model in eval mode plus its preprocessing, from any file isoconv writes.
 
 Accepted: a run directory (its last.pt), an isoconv checkpoint, and the exports of `isoconv export` —
-`.safetensors`, `.onnx` (run with onnxruntime, wrapped as an nn.Module), TorchScript and a model folder
-(config.json + model.safetensors + README.md). The format is
+`.safetensors`, `.onnx` (run with onnxruntime, wrapped as an nn.Module), `.pt2` (torch.export), TorchScript and a
+model folder (config.json + model.safetensors + README.md). The format is
 recognised from the content where the suffix is ambiguous (TorchScript files are often named .pt too).
 
 Bare weights without isoconv metadata (a timm state dict, the seeds' own checkpoints: the ConvMixer-XL study's
@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
+from ..config import MODEL_KWARGS
 from ..data.cifar import CIFAR10_MEAN, CIFAR10_STD
 from ..errors import UserError
 from ..models import create_model
@@ -26,12 +27,12 @@ from ..runtime import resolve_device
 from ..weights.checkpoint import load_checkpoint
 from ..rundir import CHECKPOINT_NAME
 from ..weights.files import INSTALL_HINT, model_format, read_model_folder, read_safetensors, strip_wrapper_prefixes
-from ..weights.meta import META_KEY, ModelMeta
+from ..weights.meta import META_KEY, PREPROCESS_KEY, ModelMeta, Preprocessing
 from ..weights.pretrained import foreign_layout, load_pretrained_into
 from ..zoo import resolve_model_path
 from .preprocess import Preprocess
 
-TORCHSCRIPT_META_FILE = "isoconv.json"
+EXTRA_META_FILE = "isoconv.json"  # the metadata file inside TorchScript and pt2 archives
 
 
 class LoadedModel(NamedTuple):
@@ -41,10 +42,11 @@ class LoadedModel(NamedTuple):
     preprocess: Preprocess
 
 
-# The seeds' own saved files (the XL study's, simple-convnext's) were trained on CIFAR-10-sized images; the XL study
-# normalized with the CIFAR-10 statistics, simple-convnext did not normalize at all.
+# The seeds' own saved files (the XL study's, simple-convnext's) were trained on CIFAR-10 images: the XL study's at
+# 32x32 normalized with the CIFAR-10 statistics, simple-convnext's zero-padded to 64x64 (its CenterCrop(64)) and not
+# normalized at all.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-UNNORMALIZED_LAYOUTS = ("simple-convnext layout",)
+SEED_PREPROCESSING = {"simple-convnext layout": Preprocessing(32, 64, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
 def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", model: Optional[str] = None,
@@ -61,12 +63,14 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", model
     dev = resolve_device(device)
     path = resolve_model_path(path)
     if model is not None and foreign_layout(path) is not None:
-        return load_foreign(Path(path), dev, model, model_kwargs)
-    net, meta = read_model(Path(path), dev)
+        net, meta = read_foreign(Path(path), dev, model, model_kwargs)
+    else:
+        net, meta = read_model(Path(path), dev)
     return LoadedModel(net, preprocess_for(meta))
 
 
-def load_foreign(path: Path, device: torch.device, name: str, model_kwargs: dict) -> LoadedModel:
+def read_foreign(path: Path, device: torch.device, name: str, model_kwargs: dict) -> tuple[nn.Module, ModelMeta]:
+    """A seed's own file (or other bare weights) in preset `name`, with the metadata of the seed's training."""
     layout = foreign_layout(path)
     net = create_model(name, **model_kwargs)
     report = load_pretrained_into(net, path)
@@ -74,17 +78,20 @@ def load_foreign(path: Path, device: torch.device, name: str, model_kwargs: dict
         raise UserError(f"{path} holds a classifier for another number of classes than {name!r} has "
                         f"({net.num_classes}); pass num_classes=N, N being the file's class count")
     n = net.num_classes
-    plain = layout in UNNORMALIZED_LAYOUTS
-    data = {"classes": list(CIFAR10_CLASSES) if n == 10 else [str(i) for i in range(n)],
-            "mean": [0.0] * 3 if plain else list(CIFAR10_MEAN), "std": [1.0] * 3 if plain else list(CIFAR10_STD),
-            "image_size": model_kwargs.get("image_size") or 32, "dataset": "cifar10"}
-    meta = ModelMeta({"model": name}, data)
-    return LoadedModel(net.to(device).eval(), preprocess_for(meta))
+    size = model_kwargs.get("image_size") or 32
+    pre = SEED_PREPROCESSING.get(layout, Preprocessing(size, None, CIFAR10_MEAN, CIFAR10_STD))
+    data = {"classes": list(CIFAR10_CLASSES) if n == 10 else [str(i) for i in range(n)], "mean": list(pre.mean),
+            "std": list(pre.std), "image_size": pre.input_size, "dataset": "cifar10", PREPROCESS_KEY: pre.to_dict()}
+    settings = {setting: model_kwargs[kwarg] for setting, kwarg in MODEL_KWARGS.items() if kwarg in model_kwargs}
+    config = {"model": name, "pad_to": pre.pad_to, **settings}  # shapes without a setting (dims) are left out
+    return net.to(device).eval(), ModelMeta(config, data)
 
 
 def preprocess_for(meta: ModelMeta) -> Preprocess:
-    return Preprocess(image_size=meta.image_size, mean=tuple(meta.data["mean"]), std=tuple(meta.data["std"]),
-                      classes=tuple(meta.classes))
+    """The inference preprocessing of a model: its training's (ModelMeta.preprocessing)."""
+    pre = meta.preprocessing
+    return Preprocess(image_size=pre.image_size, mean=pre.mean, std=pre.std, classes=tuple(meta.classes),
+                      pad_to=pre.pad_to)
 
 
 def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
@@ -96,6 +103,8 @@ def read_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
         return model.eval(), model.meta
     if fmt == "torchscript":
         return read_torchscript(path, device)
+    if fmt == "pt2":
+        return read_exported_program(path, device)
     if fmt == "folder":
         state, meta = read_model_folder(path)
     elif fmt == "safetensors":
@@ -138,19 +147,36 @@ def build_with_weights(meta: ModelMeta, state: dict[str, torch.Tensor], source: 
 
 
 def read_torchscript(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
-    extra = {TORCHSCRIPT_META_FILE: ""}
+    extra = {EXTRA_META_FILE: ""}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated from torch 2.9 on
             model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except RuntimeError as e:
         raise UserError(f"cannot load TorchScript file {path} ({str(e).strip().splitlines()[0][:160]})") from None
-    text = extra[TORCHSCRIPT_META_FILE]
+    text = extra[EXTRA_META_FILE]
     if not text:
-        raise UserError(f"TorchScript file {path} has no isoconv metadata ({TORCHSCRIPT_META_FILE}); export it "
+        raise UserError(f"TorchScript file {path} has no isoconv metadata ({EXTRA_META_FILE}); export it "
                         f"with `isoconv export --format torchscript`")
     text = text.decode() if isinstance(text, bytes) else text
     return model.eval(), ModelMeta.from_json(text, str(path))
+
+
+def read_exported_program(path: Path, device: torch.device) -> tuple[nn.Module, ModelMeta]:
+    """A `torch.export.save` archive (isoconv export --format pt2) as a callable module, and its metadata."""
+    extra = {EXTRA_META_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path), extra_files=extra)
+    except Exception as e:  # torch.export raises many types for a damaged or foreign archive
+        raise UserError(f"cannot load torch.export file {path} ({str(e).strip().splitlines()[0][:160]})") from None
+    if not extra[EXTRA_META_FILE]:
+        raise UserError(f"torch.export file {path} has no isoconv metadata ({EXTRA_META_FILE}); export it with "
+                        f"`isoconv export --format pt2`")
+    text = extra[EXTRA_META_FILE]
+    text = text.decode() if isinstance(text, bytes) else text
+    return program.module().to(device), ModelMeta.from_json(text, str(path))
 
 
 def import_onnxruntime(purpose: str):

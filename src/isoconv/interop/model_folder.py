@@ -16,7 +16,6 @@ from torch import nn
 from ..config import RUNTIME_FIELDS, TrainConfig, build_config, list_recipes, setting_tokens, SETTINGS
 from ..data.provenance import DISPLAY_NAME, data_statement, test_set_description
 from ..errors import UserError
-from ..formats import FOLDER_FORMAT
 from ..fileio import atomic_write, atomic_write_folder, folders_to_create, remove_empty_folders
 from ..rundir import RunDir
 from ..weights.files import model_format, read_model_folder

@@ -17,7 +17,8 @@ from ..errors import UserError
 from ..eval.evaluate import predict_logits
 from ..eval.run import eval_precision
 from ..runtime import resolve_device
-from .load import OnnxModel, preprocess_for, read_model
+from ..weights.files import model_format
+from .load import preprocess_for, read_model
 from .preprocess import Preprocess, collect_image_paths
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def predict_files(target: Union[str, Path], inputs: Iterable[Union[str, Path]], 
 def predict_precision(model: torch.nn.Module, amp: str, device: torch.device, target: Path) -> str:
     """Exported graphs run as exported (fp32); a run folder, or weights inside one, in the precision `isoconv eval`
     would use (for `--amp auto`, the one the run trained in)."""
-    if isinstance(model, (OnnxModel, torch.jit.ScriptModule)):
+    if model_format(target) in ("onnx", "pt2", "torchscript"):
         return "fp32"
     return eval_precision(amp, device, target if target.is_dir() else target.parent)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import glob
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..augment import normalize
+from ..data.dataset import zero_pad
 from ..data.images import decode_image, is_image_file, to_rgb
 from ..errors import UserError
 
@@ -18,13 +19,20 @@ ImageLike = Union[str, Path, torch.Tensor, Any]  # Any: a PIL.Image.Image (PIL i
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Turns images into the model's input: RGB, resized to image_size (bicubic, like the datasets' decoder),
-    scaled to [0, 1] and normalized with the training mean/std. `classes` names the model's outputs."""
+    """Turns images into the model's input as training prepared them (weights.meta.Preprocessing): RGB, resized to
+    image_size (bicubic, like the datasets' decoder), zero-padded centred to pad_to when set, scaled to [0, 1] and
+    normalized with the training mean/std. `classes` names the model's outputs."""
 
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    pad_to: Optional[int] = None
+
+    @property
+    def input_size(self) -> int:
+        """The side of the model's input (after padding)."""
+        return self.pad_to or self.image_size
 
     def __call__(self, images: Union[ImageLike, Sequence[ImageLike]]) -> torch.Tensor:
         """A float32 (B, 3, S, S) batch from paths, PIL images, uint8 (3, H, W) tensors or a uint8 (B, 3, H, W)."""
@@ -41,6 +49,11 @@ class Preprocess:
         return torch.stack([self.image_to_uint8(im) for im in images])
 
     def image_to_uint8(self, image: ImageLike) -> torch.Tensor:
+        """One uint8 (3, S, S) model input (S = input_size) before normalization."""
+        resized = self._resized(image)
+        return zero_pad(resized, self.pad_to) if self.pad_to else resized
+
+    def _resized(self, image: ImageLike) -> torch.Tensor:
         if isinstance(image, (str, Path)):
             return decode_image(image, self.image_size)
         if isinstance(image, torch.Tensor):

@@ -26,6 +26,7 @@ from ..models import count_params, with_preset_shape
 from ..rundir import RunDir
 from ..runtime import synchronize
 from ..weights import load_latest_checkpoint, save_checkpoint
+from ..weights.meta import PREPROCESS_KEY, Preprocessing
 from . import distributed as ddp
 from .distributed import Dist
 from .schedule import beta1_at, lr_at
@@ -108,8 +109,9 @@ def evaluate(t: Training) -> dict[str, Any]:
 def data_meta(t: Training) -> dict[str, Any]:
     """What inference needs to preprocess images and name classes like training did, and what the data was."""
     ds = t.test_ds
+    pre = Preprocessing(ds.unpadded_size or ds.image_size, t.cfg.pad_to, tuple(ds.mean), tuple(ds.std))
     return {"classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std), "image_size": ds.image_size,
-            "dataset": ds.name, "provenance": t.data_provenance}
+            "dataset": ds.name, "provenance": t.data_provenance, PREPROCESS_KEY: pre.to_dict()}
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:

@@ -18,7 +18,8 @@ INSTALL_HINT = "pip install 'isoconv[export]'"
 
 
 def model_format(path: Path) -> str:
-    """One of run, folder (an exported model folder), checkpoint, safetensors, onnx, torchscript."""
+    """One of run, folder (an exported model folder), checkpoint, safetensors, onnx, pt2 (a torch.export archive),
+    torchscript."""
     if path.is_dir():
         if (path / CHECKPOINT_NAME).is_file():
             return "run"
@@ -35,16 +36,20 @@ def model_format(path: Path) -> str:
         return "safetensors"
     if suffix == ".onnx":
         return "onnx"
-    return "torchscript" if is_torchscript_file(path) else "checkpoint"
+    names = zip_names(path)
+    if any(n.endswith("/archive_format") for n in names) and any(n.endswith("/models/model.json") for n in names):
+        return "pt2"  # torch.export.save's archive
+    # TorchScript archives hold compiled code and constants; torch.save archives hold only data
+    return "torchscript" if any(n.endswith("/constants.pkl") or "/code/" in n for n in names) else "checkpoint"
 
 
-def is_torchscript_file(path: Path) -> bool:
-    """TorchScript archives hold compiled code and constants; torch.save archives hold only data."""
+def zip_names(path: Path) -> list[str]:
+    """The member names of a zip archive (torch.save, TorchScript and torch.export files are ones); [] otherwise."""
     try:
         with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+            return z.namelist()
     except (zipfile.BadZipFile, OSError):
-        return False
+        return []
 
 
 def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
