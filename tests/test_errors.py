@@ -177,7 +177,7 @@ CASES = {
     "export an unfinished run": (lambda t, d: ["export", str(unfinished_run(t)), "--format", "folder", "--output",
                                                str(t / "out")], "is not finished (no summary.json)"),
     "unknown export format": (lambda t, d: ["export", str(unfinished_run(t)), "--format", "zip", "--output",
-                                            str(t / "out")], "--format must be one of onnx, torchscript, "),
+                                            str(t / "out")], "--format must be one of onnx, pt2, torchscript, safetensors, folder, "),
     "model folder over other files": (lambda t, d: ["export", str(unfinished_run(t)), "--format", "folder",
                                                     "--output", str(t)], "is a folder that holds other files"),
     "serve on a busy port": (lambda t, d: ["serve", str(unfinished_run(t)), "--port", busy_port()],

@@ -323,7 +323,7 @@ def test_unfinished_run_unknown_format_and_int8_without_data_exit_2_leaving_no_f
     assert "has not finished (no summary.json)" in err and "--resume" in err
     run = make_run(tmp_path / "run", model="cm-cpu", dim=16, depth=1)
     err = bad_export(["export", str(run), "--format", "tflite"], capsys)
-    assert err == "isoconv: error: --format must be one of onnx, pt2, torchscript, safetensors, got 'tflite'"
+    assert err == "isoconv: error: --format must be one of onnx, pt2, torchscript, safetensors, folder, got 'tflite'"
     empty = tmp_path / "no-data"
     empty.mkdir()
     err = bad_export(["export", str(run), "--format", "onnx", "--int8", "--data-dir", str(empty)], capsys)

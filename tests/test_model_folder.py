@@ -54,7 +54,7 @@ def test_folder_gives_the_runs_logits_predictions_and_evaluation(runs, name, tmp
     from_run, pre_run = isoconv.load(run)
     from_folder, pre_folder = isoconv.load(folder)
     assert pre_folder == pre_run
-    side = pre_run.image_size
+    side = pre_run.input_size  # after the zero padding of a --pad-to run
     assert side == (36 if name == "padded" else 32)
     for n in (1, 3):
         x = torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(n))

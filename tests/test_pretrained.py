@@ -235,7 +235,7 @@ def make_isoconv_run(run_dir: Path, **overrides) -> nn.Module:
 
 def test_isoconv_run_dir_and_its_safetensors_export_load(tmp_path):
     source = make_isoconv_run(tmp_path / "run")
-    for path in (tmp_path / "run", export_target(tmp_path / "run", "safetensors").path):
+    for path in (tmp_path / "run", export_target(tmp_path / "run" / "last.pt", "safetensors").path):
         ours = isoconv.create_model("cm-cpu", dim=16, depth=2)
         report = load_pretrained_into(ours, path)
         assert same_outputs(ours, source, image_size=32) == 0.0

@@ -408,12 +408,12 @@ def cmd_export(args) -> int:
         if output is not None and output != args.old_out:
             raise UserError(f"--out {args.old_out} contradicts --output {output}: pass --output only")
         output = args.old_out
-    if args.format == "torchscript":
-        deprecated("export --format torchscript (torch.jit)", "--format pt2 (torch.export)")
     int8 = args.int8 or args.quantize == "int8"
     result = export_target(args.target, args.format, output, batch_size=batch_size, exporter=args.onnx_exporter,
                            int8=int8, data_dir=args.data_dir, calibration_images=args.calibration_images,
                            overwrite=args.overwrite)
+    if args.format == "torchscript":  # after the export: a failure stays one line
+        deprecated("export --format torchscript (torch.jit)", "--format pt2 (torch.export)")
     batch = "any batch size" if result.dynamic_batch else f"batch size {result.batch_size}"
     what = f"{args.format}, INT8" if result.int8 else args.format
     check = "" if args.format == "safetensors" else f"; max abs diff vs PyTorch {result.max_abs_diff:.1e}"

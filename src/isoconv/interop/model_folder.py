@@ -90,14 +90,12 @@ def is_isoconv_config(path: Path) -> bool:
 # ----------------------------------------------------------------------------- config.json
 
 def preprocessing(meta: ModelMeta) -> dict[str, Any]:
-    """How an image becomes the model's input, from the same place `isoconv.load` takes it (preprocess_for) plus
-    the run's --pad-to."""
-    pre = preprocess_for(meta)
-    pad_to = meta.config.get("pad_to")
-    return {"input_size": pre.image_size,  # the model's input side (after any padding)
-            "resize_to": meta.config.get("image_size"),  # --image-size: the side images were resized to (None: as is)
+    """How an image becomes the model's input: the checkpoint's one description of the training preprocessing."""
+    pre = meta.preprocessing
+    return {"input_size": pre.input_size,  # the model's input side (after any padding)
+            "resize_to": pre.image_size,  # images are resized (bicubic) to this side first, when not already that size
             "interpolation": "bicubic",
-            "pad_to": pad_to,  # zero-padded, centred, to this side (None: no padding)
+            "pad_to": pre.pad_to,  # zero-padded, centred, to this side (None: no padding)
             "color": "RGB", "rescale_factor": 1 / 255, "mean": list(pre.mean), "std": list(pre.std),
             "layout": "NCHW float32"}
 
