@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import os
 import shutil
 import tempfile
@@ -191,3 +192,12 @@ def atomic_write_folder(path: Union[str, Path], write: Callable[[Path], None]) -
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     fsync_dir(path.parent)
+
+
+def file_digest(path: Union[str, Path], algorithm: str) -> str:
+    """The hex digest of a file's bytes (hashlib's `algorithm`, e.g. "md5", "sha256"), read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -9,11 +9,11 @@ verdict and the test-split facts into the sentences reports print (no machine-sp
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from ..fileio import file_digest
 from .cache import DatasetCache, write_cache_file
 
 # Per-file md5s of the official python releases: torchvision.datasets.CIFAR10/CIFAR100 train_list, test_list and
@@ -94,11 +94,7 @@ def find_folder(dataset: str, root: Path) -> Path:
 
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def cached_md5s(folder: Path, dataset: str, names: List[str]) -> Dict[str, str]:

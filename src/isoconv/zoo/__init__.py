@@ -8,13 +8,13 @@ This module reads only JSON and files (no torch), so `isoconv zoo` and `isoconv 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import UserError
+from ..fileio import file_digest
 
 ZOO_DIR = Path(__file__).resolve().parent
 INDEX_FILE = ZOO_DIR / "index.json"
@@ -58,11 +58,7 @@ def zoo_entry(name: str) -> Optional[ZooEntry]:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def verified_file(entry: ZooEntry) -> Path:
