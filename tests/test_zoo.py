@@ -1,10 +1,15 @@
 """The model zoo: shipped weights load by name, their checksum is checked before every load, and the listing works."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import isoconv
 from isoconv import zoo
@@ -12,6 +17,7 @@ from isoconv.cli import main
 from isoconv.errors import UserError
 from isoconv.interop.export import export_target
 from isoconv.interop.load import read_model
+from isoconv.interop.predict import format_json, predict_files
 
 from test_export import make_run
 
@@ -79,3 +85,36 @@ def test_an_unreadable_index_is_one_line(tmp_path):
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(UserError, match=r"the model zoo index .*index.json is unreadable \(.*\); reinstall isoconv"):
         zoo.zoo_entries(tmp_path / "index.json")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_shipped_zoo_predicts_offline_from_an_installed_package(tmp_path, lossless_subset):
+    """pip-install the package (not the source tree) into a folder, then predict with the shipped cpu-quick model by
+    name in a fresh process whose isoconv comes from there: same answer as the source tree's model."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(REPO)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.load(lossless_subset)["test_images_hwc"][0]).save(image)  # official test image 0: a cat
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(site), HOME=str(tmp_path), ISOCONV_CACHE=str(tmp_path / "cache"))
+    script = ("import json, sys, isoconv; from isoconv.interop.predict import predict_files, format_json\n"
+              "print(isoconv.__file__)\n"
+              "print(format_json(predict_files('cpu-quick', [sys.argv[1]], top_k=3, device='cpu')))")
+    out = subprocess.run([sys.executable, "-c", script, str(image)], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, check=True).stdout.splitlines()
+    assert out[0].startswith(str(site)), out[0]
+    installed = json.loads("\n".join(out[1:]))
+    ours = json.loads(format_json(predict_files("cpu-quick", [image], top_k=3, device="cpu")))
+    assert installed["predictions"][0]["top"] == ours["predictions"][0]["top"]
+    assert len(ours["predictions"][0]["top"]) == 3
+
+
+def test_the_shipped_index_matches_its_files():
+    entries = zoo.zoo_entries()
+    assert [e.name for e in entries] == ["cpu-quick"]
+    for e in entries:
+        assert zoo.verified_file(e) == e.path and e.test_images == 10000 and 0.7 < e.test_top1 < 0.9
+        assert "JPEG-degraded" in e.data and len(e.commit) >= 7

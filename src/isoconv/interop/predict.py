@@ -18,6 +18,7 @@ from ..eval.evaluate import predict_logits
 from ..eval.run import eval_precision
 from ..runtime import resolve_device
 from ..weights.files import model_format
+from ..zoo import resolve_model_path
 from .load import preprocess_for, read_model
 from .preprocess import Preprocess, collect_image_paths
 
@@ -51,11 +52,12 @@ class ReadyModel:
 
 
 def ready_model(target: Union[str, Path], device: str = "auto") -> ReadyModel:
-    """Load a run, model folder or exported file for prediction (the precision as in predict_precision)."""
+    """Load a run, model folder, exported file or zoo model for prediction (the precision as in predict_precision)."""
     dev = resolve_device(device)
-    model, meta = read_model(Path(target), dev)
+    path = resolve_model_path(target)  # a zoo name: its checked file
+    model, meta = read_model(path, dev)
     return ReadyModel(model, preprocess_for(meta), dev, predict_precision(model, meta.config.get("amp", "off"), dev,
-                                                                           Path(target)))
+                                                                           path))
 
 
 @dataclass
