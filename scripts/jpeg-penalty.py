@@ -3,8 +3,8 @@
     python3 scripts/jpeg-penalty.py --data-dir ../shared/data [--out runs/jpeg-penalty] [--epochs 15]
                                     [--seeds 0,1,2]
 
-Trains the `cpu-quick` recipe (with --epochs, in fp32) on official CIFAR-10 train images 0-3999, once from their lossless
-pixels (`--dataset cifar10-lossless`) and once from the JPEG pixels of the same images (`--dataset cifar10
+Trains the `cpu-quick` recipe (with --epochs, in fp32) on official CIFAR-10 train images 0-3999, once from their
+lossless pixels (`--dataset cifar10-lossless`) and once from the JPEG pixels of the same images (`--dataset cifar10
 --train-subset 4000`), and evaluates every model on the lossless and on the JPEG version of test images 0-999
 (`isoconv eval RUN --dataset cifar10-lossless` / `--dataset cifar10 --test-subset 1000`). Both datasets share labels,
 order, class names and CIFAR-10's normalization constants, so the pixels are the only difference. Every step is an
